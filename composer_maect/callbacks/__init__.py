@@ -1,0 +1,5 @@
+"""Composer callbacks of composer-maect."""
+
+from composer_maect.callbacks.reconstruction import ReconstructionImages
+
+__all__ = ['ReconstructionImages']

@@ -1,0 +1,250 @@
+"""Train from a YAML: ``python -m composer_maect.train YAML [key=value ...]``.
+
+Also runs under Composer's launcher, one process per device: ``composer -n 8 -m composer_maect.train YAML ...``.
+The YAML is validated before anything is built (see ``composer_maect.config``); then the data, model, optimizer,
+schedule, algorithms, callbacks and loggers are built and handed to one ``composer.Trainer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from composer import ComposerModel, Trainer
+from composer.utils import dist, get_device, reproducibility
+
+from composer_maect import registry
+from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_config
+from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
+
+__all__ = ['build_model', 'build_train_dataloader', 'main', 'train']
+
+log = logging.getLogger(__name__)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        format=f'%(asctime)s: rank{dist.get_global_rank()}[%(process)d]: %(levelname)s: %(name)s: %(message)s',
+    )
+    logging.getLogger('composer_maect').setLevel(level.upper())
+
+
+def _import_code_paths(paths: Sequence[str]) -> None:
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"'code_paths': file {path!r} not found.")
+        spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        log.info('Imported %s', path)
+
+
+def _shards_present(folder: str, split: str | None) -> bool:
+    return (Path(folder) / (split or '') / 'index.json').is_file()
+
+
+def _check_config(cfg: TrainConfig, world_size: int) -> None:
+    """Reject what would fail later, before any data is read or any model is built."""
+    if cfg.global_train_batch_size <= 0 or cfg.global_train_batch_size % world_size:
+        raise ConfigError(
+            f"'global_train_batch_size' {cfg.global_train_batch_size} must be a positive multiple of the number of "
+            f'processes ({world_size}); change it or the process count of `composer -n`.'
+        )
+    loader = cfg.train_loader
+    if loader.views not in (1, 2):
+        raise ConfigError(f"'train_loader.views' is {loader.views}; expected 1 or 2.")
+    if loader.transform.img_size != cfg.model.encoder.img_size:
+        raise ConfigError(
+            f"'train_loader.transform.img_size' ({loader.transform.img_size}) differs from 'model.encoder.img_size' "
+            f'({cfg.model.encoder.img_size}); set both to the resolution the encoder is trained at.'
+        )
+    if cfg.autoresume and not (cfg.run_name and cfg.save_folder):
+        raise ConfigError("'autoresume: true' needs 'run_name' and 'save_folder' so the run can find its checkpoints.")
+    has_data = loader.remote is not None or _shards_present(loader.local, loader.split)
+    if not has_data and cfg.prepare_data is None:
+        where = Path(loader.local) / (loader.split or '')
+        raise ConfigError(
+            f"'train_loader.local': no MDS shards (index.json) in {str(where)!r} and no 'train_loader.remote'. "
+            'Convert a data set first, for example `python -m composer_maect.data.convert mnist5k ./data/mnist5k '
+            "--val-fraction 0.2`, or add a 'prepare_data' section."
+        )
+
+
+def _prepare_data(cfg: TrainConfig) -> None:
+    """Run the converter once per node when the YAML asks for shards that do not exist yet."""
+    loader, prepare = cfg.train_loader, cfg.prepare_data
+    if prepare is None or loader.remote is not None or _shards_present(loader.local, loader.split):
+        return
+    if dist.get_local_rank() == 0:
+        from composer_maect.data.convert import convert
+
+        log.info('No shards in %s: converting %s into %s', loader.local, prepare.source, prepare.out)
+        convert(prepare.source, prepare.out, val_fraction=prepare.val_fraction, seed=prepare.seed)
+    dist.barrier()
+    if not _shards_present(loader.local, loader.split):
+        raise ConfigError(
+            f"'prepare_data' wrote {prepare.out!r}, but 'train_loader.local' ({loader.local!r}, split "
+            f'{loader.split!r}) still has no index.json; point train_loader.local at the converted split.'
+        )
+
+
+def build_model(cfg: ModelConfig) -> ComposerModel:
+    """Build the ``ComposerModel`` that a model section describes."""
+    from composer_maect.models.mae import MAEModel
+    from composer_maect.models.vit import create_encoder
+
+    encoder = create_encoder(
+        cfg.encoder.name,
+        img_size=cfg.encoder.img_size,
+        patch_size=cfg.encoder.patch_size,
+        in_chans=cfg.encoder.in_chans,
+        **cfg.encoder.timm_kwargs,
+    )
+    return MAEModel(
+        encoder,
+        mask_ratio=cfg.mask_ratio,
+        decoder_dim=cfg.decoder.dim,
+        decoder_depth=cfg.decoder.depth,
+        decoder_num_heads=cfg.decoder.num_heads,
+        norm_pix_loss=cfg.norm_pix_loss,
+    )
+
+
+def build_train_dataloader(cfg: DataLoaderConfig, device_batch_size: int):
+    """Build the training ``DataLoader`` over MDS shards for one rank."""
+    from composer_maect.data.dataset import build_image_dataloader
+    from composer_maect.data.transforms import build_transform
+
+    transform = build_transform(cfg.transform.name, **cfg.transform.options())
+    return build_image_dataloader(
+        local=cfg.local,
+        remote=cfg.remote,
+        split=cfg.split,
+        batch_size=device_batch_size,
+        views=cfg.views,
+        transform=transform,
+        shuffle=cfg.shuffle,
+        shuffle_seed=cfg.shuffle_seed,
+        num_workers=cfg.num_workers,
+        drop_last=cfg.drop_last,
+        persistent_workers=cfg.persistent_workers,
+        pin_memory=cfg.pin_memory,
+        prefetch_factor=cfg.prefetch_factor,
+        streaming_kwargs=cfg.streaming,
+    )
+
+
+def train(cfg: TrainConfig) -> Trainer:
+    """Build everything that ``cfg`` describes, run ``Trainer.fit()`` and return the trainer (closed)."""
+    _import_code_paths(cfg.code_paths)
+    device = get_device(cfg.device)
+    dist.initialize_dist(device, cfg.dist_timeout)
+    world_size = dist.get_world_size()
+    _check_config(cfg, world_size)
+    _prepare_data(cfg)
+
+    device_batch_size = cfg.global_train_batch_size // world_size
+    reproducibility.seed_all(cfg.seed)
+    model = build_model(cfg.model)
+    lr = scaled_lr(cfg.optimizer.base_lr, cfg.global_train_batch_size, cfg.train_loader.views, cfg.optimizer.lr_scaling)
+    optimizer = build_adamw(
+        model, lr=lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay
+    )
+    scheduler = build_scheduler(cfg.scheduler.warmup, cfg.scheduler.alpha_f)
+    train_dataloader = build_train_dataloader(cfg.train_loader, device_batch_size)
+
+    parallelism_config = None
+    if cfg.fsdp_config is not None:
+        if world_size > 1:
+            parallelism_config = {'fsdp': dict(cfg.fsdp_config)}
+        else:
+            warnings.warn('fsdp_config is ignored in a 1-process run, which trains without sharding.', stacklevel=1)
+
+    log.info(
+        'Training %s: %s parameters (%s trainable), global batch %d (%d per rank on %d ranks), lr %.3g, for %s',
+        type(model).__name__,
+        f'{sum(p.numel() for p in model.parameters()):,}',
+        f'{sum(p.numel() for p in model.parameters() if p.requires_grad):,}',
+        cfg.global_train_batch_size,
+        device_batch_size,
+        world_size,
+        lr,
+        cfg.max_duration,
+    )
+    trainer = Trainer(
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        model=model,
+        train_dataloader=train_dataloader,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        max_duration=cfg.max_duration,
+        device=device,
+        precision=cfg.precision,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
+        parallelism_config=parallelism_config,
+        algorithms=registry.build('algorithms', cfg.algorithms),
+        callbacks=registry.build('callbacks', cfg.callbacks),
+        loggers=registry.build('loggers', cfg.loggers),
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_filename=cfg.save_filename,
+        save_latest_filename=cfg.save_latest_filename,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        save_weights_only=cfg.save_weights_only,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        load_strict_model_weights=cfg.load_strict_model_weights,
+        load_ignore_keys=cfg.load_ignore_keys,
+        python_log_level=cfg.python_log_level,
+        dist_timeout=cfg.dist_timeout,
+    )
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    log.info('Finished training at %s', trainer.state.timestamp.batch)
+    return trainer
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='python -m composer_maect.train',
+        description='Train from a YAML configuration. Arguments after the YAML override its keys.',
+    )
+    parser.add_argument('yaml', help='path to the training YAML')
+    parser.add_argument('overrides', nargs='*', help='key=value overrides with dotted keys, e.g. max_duration=10ba')
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for an invalid configuration)."""
+    args = _parse_args(argv)
+    if not os.path.isfile(args.yaml):
+        print(f'error: YAML file {args.yaml!r} not found.', file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.yaml, args.overrides)
+        _setup_logging(cfg.python_log_level)
+        train(cfg)
+    except ConfigError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
