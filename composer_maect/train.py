@@ -25,7 +25,8 @@ from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
 __all__ = ['build_model', 'build_train_dataloader', 'main', 'train']
 
-log = logging.getLogger(__name__)
+# Named explicitly: under `python -m composer_maect.train` this module's __name__ is '__main__'.
+log = logging.getLogger('composer_maect.train')
 
 
 def _setup_logging(level: str) -> None:

@@ -1,0 +1,39 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+YAMLS = REPO / 'yamls'
+
+
+@pytest.fixture(autouse=True)
+def _clean_streaming_shared_memory():
+    """Remove shared memory that a killed StreamingDataset left behind, so the next dataset does not hang on it."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+
+
+@pytest.fixture(scope='session')
+def mnist_shards(tmp_path_factory) -> Path:
+    """The 5,000 MNIST digits as MDS shards (4,000 train, 1,000 val), converted once per test session."""
+    from composer_maect.data.convert import convert
+
+    out = tmp_path_factory.mktemp('mnist5k')
+    convert('mnist5k', str(out), val_fraction=0.2, seed=0, progress=False)
+    return out
+
+
+def composer_launcher() -> list[str]:
+    """The `composer` launcher of the running interpreter's environment."""
+    launcher = Path(sys.executable).with_name('composer')
+    return [str(launcher)] if launcher.exists() else [shutil.which('composer') or 'composer']
+
+
+def run_command(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
