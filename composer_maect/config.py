@@ -17,20 +17,26 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     'ConfigError',
     'DataLoaderConfig',
     'DecoderConfig',
     'EncoderConfig',
+    'InitFromConfig',
     'ModelConfig',
     'OptimizerConfig',
     'PrepareDataConfig',
+    'RunFirstConfig',
+    'RunPlan',
     'SchedulerConfig',
     'TrainConfig',
     'TransformConfig',
     'load_config',
+    'load_run',
+    'load_values',
+    'phase_configs',
     'validate',
 ]
 
@@ -66,12 +72,23 @@ class DecoderConfig:
 
 
 @dataclass
+class InitFromConfig:
+    """Encoder weights loaded before training, from a checkpoint of this package or an official MAE file."""
+
+    path: str
+
+
+@dataclass
 class ModelConfig:
+    """``mae``: MAE pre-training (encoder and decoder). ``vit_encoder``: the encoder alone, trained by algorithms such
+    as ``contrastive_tuning``; ``decoder``, ``mask_ratio`` and ``norm_pix_loss`` then do not apply."""
+
     encoder: EncoderConfig
-    name: Literal['mae'] = 'mae'
+    name: Literal['mae', 'vit_encoder'] = 'mae'
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
+    init_from: InitFromConfig | None = None
 
 
 @dataclass
@@ -159,6 +176,18 @@ class SchedulerConfig:
 
 
 @dataclass
+class RunFirstConfig:
+    """Another training YAML that produces this run's starting point, run first when ``unless_exists`` is missing.
+
+    ``yaml`` is a path relative to the current folder or to the folder of the YAML that names it.
+    """
+
+    yaml: str
+    unless_exists: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig
     train_loader: DataLoaderConfig
@@ -196,6 +225,21 @@ class TrainConfig:
     console_log_interval: str | int = '1ep'
     python_log_level: str = 'info'
     dist_timeout: float = 300.0
+    # The phase name, set inside an entry of the top-level 'phases' list.
+    name: str | None = None
+
+
+@dataclass
+class RunPlan:
+    """What one YAML runs: optionally another YAML first, then one or more phases in order.
+
+    A YAML may have a top-level ``phases`` list. Each phase is a mapping with a ``name`` and any top-level keys, which
+    are merged over the top level (mappings key by key, other values replaced). Each phase is a separate Trainer run
+    named ``{run_name}-{name}`` that starts from the previous phase's final weights.
+    """
+
+    phases: list[TrainConfig]
+    run_first: RunFirstConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,10 +383,61 @@ def validate(values: Mapping[str, Any], schema: type = TrainConfig) -> Any:
 def load_config(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
     """Load a training YAML, apply ``key=value`` overrides, resolve interpolations and validate the result.
 
+    Every phase is validated too, merged over the top level (see :func:`phase_configs`).
+
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ConfigError: if an override is malformed or the merged configuration is invalid.
     """
+    plan = load_run(path, overrides)
+    if len(plan.phases) > 1 or plan.run_first is not None:
+        raise ConfigError(f'{path} has phases or run_first: load it with load_run, which returns every phase.')
+    return plan.phases[0]
+
+
+def load_run(path: str, overrides: Sequence[str] = ()) -> RunPlan:
+    """Load a training YAML with overrides and validate its phases and its ``run_first`` section."""
+    values = load_values(path, overrides)
+    run_first = values.get('run_first')
+    if run_first is not None:
+        errors: list[str] = []
+        run_first = _convert(run_first, RunFirstConfig, 'run_first', errors)
+        if errors:
+            raise ConfigError('Invalid configuration:\n  ' + '\n  '.join(errors))
+    return RunPlan(phases=phase_configs(values), run_first=run_first)
+
+
+def phase_configs(values: Mapping[str, Any]) -> list[TrainConfig]:
+    """Return one validated configuration per phase, each the top level with the phase's keys merged over it.
+
+    A configuration without phases is one phase. Mappings merge key by key; lists and other values replace.
+
+    Raises:
+        ConfigError: if a phase has no name, two phases share a name, or a merged phase is invalid.
+    """
+    base = {key: value for key, value in values.items() if key not in ('phases', 'run_first')}
+    phases = values.get('phases') or []
+    if not phases:
+        return [validate(base, TrainConfig)]
+    names = []
+    configs = []
+    for index, phase in enumerate(phases):
+        name = phase.get('name') if isinstance(phase, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"'phases[{index}]': every phase needs a 'name' (for example head_init or tuning).")
+        if name in names:
+            raise ConfigError(f"'phases[{index}].name': the name {name!r} is used twice.")
+        names.append(name)
+        merged = OmegaConf.to_container(OmegaConf.merge(base, dict(phase)))
+        try:
+            configs.append(validate(merged, TrainConfig))
+        except ConfigError as error:
+            raise ConfigError(str(error).replace('Invalid configuration:', f'Invalid phase {name!r}:', 1)) from None
+    return configs
+
+
+def load_values(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Load a YAML with overrides and return its resolved values without the ``variables`` section."""
     try:
         yaml_config = OmegaConf.load(path)
     except yaml.YAMLError as error:
@@ -350,12 +445,27 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
     malformed = [override for override in overrides if '=' not in override]
     if malformed:
         raise ConfigError(f'Invalid override(s) {malformed}: write each as key=value, for example max_duration=10ba.')
+    if not isinstance(yaml_config, DictConfig):
+        raise ConfigError(f'{path} must contain a mapping of keys at the top level.')
+
+    # Phases are addressed by name in overrides (phases.tuning.max_duration=5ep), so the list becomes a mapping while
+    # the overrides are merged, then a list again in its original order.
+    phases = yaml_config.get('phases')
+    phase_names: list[str] = []
+    if isinstance(phases, ListConfig):
+        phase_names = [
+            str(phase.get('name')) if isinstance(phase, DictConfig) else str(i) for i, phase in enumerate(phases)
+        ]
+        yaml_config.phases = OmegaConf.create(dict(zip(phase_names, phases, strict=True)))
     merged = OmegaConf.merge(yaml_config, OmegaConf.from_dotlist(list(overrides)))
+    if phase_names:
+        unknown = [name for name in merged.phases if name not in phase_names]
+        if unknown:
+            raise ConfigError(f'Override of unknown phase(s) {unknown}: the phases of {path} are {phase_names}.')
+        merged.phases = [merged.phases[name] for name in phase_names]
     try:
         values = OmegaConf.to_container(merged, resolve=True)
     except Exception as error:  # OmegaConf raises several interpolation error types.
         raise ConfigError(f'Could not resolve the interpolations in {path}: {error}') from error
-    if not isinstance(values, dict):
-        raise ConfigError(f'{path} must contain a mapping of keys at the top level, not {type(values).__name__}.')
     values.pop('variables', None)
-    return validate(values, TrainConfig)
+    return values

@@ -72,7 +72,7 @@ def build_adamw(
     log.info(
         'AdamW lr %.3g over %s parameters (%s with weight decay %g)', lr, f'{total:,}', f'{decayed:,}', weight_decay
     )
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def build_scheduler(warmup: float | str, alpha_f: float = 0.0) -> ComposerScheduler:

@@ -21,7 +21,8 @@ from composer import loggers as composer_loggers
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 
-from composer_maect.callbacks import ReconstructionImages
+from composer_maect.algorithms import ContrastiveTuning, LayerwiseUnfreezing
+from composer_maect.callbacks import KNNMonitor, ReconstructionImages
 
 __all__ = ['algorithms', 'build', 'callbacks', 'loggers']
 
@@ -38,6 +39,8 @@ _REGISTRIES = {'algorithms': algorithms, 'callbacks': callbacks, 'loggers': logg
 algorithms.register('ema', func=composer_algorithms.EMA)
 algorithms.register('gradient_clipping', func=composer_algorithms.GradientClipping)
 algorithms.register('low_precision_layernorm', func=composer_algorithms.LowPrecisionLayerNorm)
+algorithms.register('contrastive_tuning', func=ContrastiveTuning)
+algorithms.register('layerwise_unfreezing', func=LayerwiseUnfreezing)
 
 callbacks.register('speed_monitor', func=composer_callbacks.SpeedMonitor)
 callbacks.register('lr_monitor', func=composer_callbacks.LRMonitor)
@@ -50,6 +53,7 @@ callbacks.register('early_stopper', func=composer_callbacks.EarlyStopper)
 callbacks.register('image_visualizer', func=composer_callbacks.ImageVisualizer)
 callbacks.register('system_metrics_monitor', func=composer_callbacks.SystemMetricsMonitor)
 callbacks.register('reconstruction_images', func=ReconstructionImages)
+callbacks.register('knn_monitor', func=KNNMonitor)
 
 # The logger classes import their optional packages (tensorboard, wandb, mlflow) when they are constructed, so a name is
 # available here even where its package is missing, and building it then raises Composer's error that names the

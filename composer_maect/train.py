@@ -20,10 +20,10 @@ from composer import ComposerModel, Trainer
 from composer.utils import dist, get_device, reproducibility
 
 from composer_maect import registry
-from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_config
+from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
-__all__ = ['build_model', 'build_train_dataloader', 'main', 'train']
+__all__ = ['build_model', 'build_train_dataloader', 'main', 'run_yaml', 'train']
 
 # Named explicitly: under `python -m composer_maect.train` this module's __name__ is '__main__'.
 log = logging.getLogger('composer_maect.train')
@@ -96,8 +96,10 @@ def _prepare_data(cfg: TrainConfig) -> None:
         )
 
 
-def build_model(cfg: ModelConfig) -> ComposerModel:
-    """Build the ``ComposerModel`` that a model section describes."""
+def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel:
+    """Build the ``ComposerModel`` that a model section describes, with ``init_from`` weights when ``load_weights``."""
+    from composer_maect.checkpoints import load_encoder_weights
+    from composer_maect.models.encoder_model import ViTEncoderModel
     from composer_maect.models.mae import MAEModel
     from composer_maect.models.vit import create_encoder
 
@@ -108,6 +110,10 @@ def build_model(cfg: ModelConfig) -> ComposerModel:
         in_chans=cfg.encoder.in_chans,
         **cfg.encoder.timm_kwargs,
     )
+    if load_weights and cfg.init_from is not None:
+        load_encoder_weights(encoder, cfg.init_from.path)
+    if cfg.name == 'vit_encoder':
+        return ViTEncoderModel(encoder)
     return MAEModel(
         encoder,
         mask_ratio=cfg.mask_ratio,
@@ -142,18 +148,35 @@ def build_train_dataloader(cfg: DataLoaderConfig, device_batch_size: int):
     )
 
 
-def train(cfg: TrainConfig) -> Trainer:
-    """Build everything that ``cfg`` describes, run ``Trainer.fit()`` and return the trainer (closed)."""
+def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
+    """Build everything that ``cfg`` describes, run ``Trainer.fit()`` and return the trainer (closed).
+
+    Args:
+        cfg: one phase, or the whole run when it has no phases.
+        previous: the phase before ``cfg``; its final checkpoint is loaded (weights only) when ``cfg`` has no
+            checkpoint of its own to resume from.
+    """
+    _setup_logging(cfg.python_log_level)
     _import_code_paths(cfg.code_paths)
     device = get_device(cfg.device)
-    dist.initialize_dist(device, cfg.dist_timeout)
+    if not dist.is_initialized():
+        dist.initialize_dist(device, cfg.dist_timeout)
     world_size = dist.get_world_size()
     _check_config(cfg, world_size)
     _prepare_data(cfg)
 
+    run_name, save_folder, load_path = cfg.run_name, cfg.save_folder, cfg.load_path
+    load_weights_only = cfg.load_weights_only
+    if cfg.name is not None:
+        run_name = f'{cfg.run_name}-{cfg.name}'
+    if previous is not None:
+        load_path = _final_checkpoint(previous)
+        load_weights_only = True
+        log.info('Phase %s starts from the weights of phase %s (%s)', cfg.name, previous.name, load_path)
+
     device_batch_size = cfg.global_train_batch_size // world_size
     reproducibility.seed_all(cfg.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, load_weights=previous is None)
     lr = scaled_lr(cfg.optimizer.base_lr, cfg.global_train_batch_size, cfg.train_loader.views, cfg.optimizer.lr_scaling)
     optimizer = build_adamw(
         model, lr=lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay
@@ -180,7 +203,7 @@ def train(cfg: TrainConfig) -> Trainer:
         cfg.max_duration,
     )
     trainer = Trainer(
-        run_name=cfg.run_name,
+        run_name=run_name,
         seed=cfg.seed,
         model=model,
         train_dataloader=train_dataloader,
@@ -198,7 +221,7 @@ def train(cfg: TrainConfig) -> Trainer:
         progress_bar=cfg.progress_bar,
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
-        save_folder=cfg.save_folder,
+        save_folder=save_folder,
         save_interval=cfg.save_interval,
         save_filename=cfg.save_filename,
         save_latest_filename=cfg.save_latest_filename,
@@ -206,8 +229,8 @@ def train(cfg: TrainConfig) -> Trainer:
         save_overwrite=cfg.save_overwrite,
         save_weights_only=cfg.save_weights_only,
         autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
-        load_weights_only=cfg.load_weights_only,
+        load_path=load_path,
+        load_weights_only=load_weights_only,
         load_strict_model_weights=cfg.load_strict_model_weights,
         load_ignore_keys=cfg.load_ignore_keys,
         python_log_level=cfg.python_log_level,
@@ -219,6 +242,59 @@ def train(cfg: TrainConfig) -> Trainer:
         trainer.close()
     log.info('Finished training at %s', trainer.state.timestamp.batch)
     return trainer
+
+
+def _phase_run_name(cfg: TrainConfig) -> str:
+    return f'{cfg.run_name}-{cfg.name}' if cfg.name is not None else str(cfg.run_name)
+
+
+def _final_checkpoint(cfg: TrainConfig) -> str:
+    """Return the path of the latest checkpoint that phase ``cfg`` saves (``{rank}`` left for Composer to fill)."""
+    folder = cfg.save_folder.format(run_name=_phase_run_name(cfg))
+    return f'{folder}/{cfg.save_latest_filename}'
+
+
+def _check_phases(phases: list[TrainConfig]) -> None:
+    if len(phases) < 2:
+        return
+    for cfg in phases:
+        if not cfg.run_name or not cfg.save_folder or '{run_name}' not in cfg.save_folder:
+            raise ConfigError(
+                f"Phase {cfg.name!r}: a run with phases needs 'run_name' and a 'save_folder' that contains "
+                "'{run_name}', so that every phase saves its own checkpoints and the next phase finds them."
+            )
+
+
+def _resolve_yaml(path: str, relative_to: str) -> str:
+    if os.path.isfile(path):
+        return path
+    candidate = Path(relative_to).parent / path
+    if candidate.is_file():
+        return str(candidate)
+    raise ConfigError(f"'run_first.yaml': file {path!r} not found in the current folder or next to {relative_to!r}.")
+
+
+def run_yaml(path: str, overrides: Sequence[str] = ()) -> list[Trainer]:
+    """Run everything one YAML describes: its ``run_first`` YAML when needed, then each phase in order."""
+    plan = load_run(path, overrides)
+    if plan.run_first is not None and not Path(plan.run_first.unless_exists).exists():
+        first = _resolve_yaml(plan.run_first.yaml, path)
+        log.info('%s not found: running %s first', plan.run_first.unless_exists, first)
+        run_yaml(first, plan.run_first.overrides)
+        if not Path(plan.run_first.unless_exists).exists():
+            raise ConfigError(
+                f"'run_first': {first} finished but did not produce {plan.run_first.unless_exists!r}; make "
+                'run_first.unless_exists the checkpoint that it saves.'
+            )
+    _check_phases(plan.phases)
+    trainers = []
+    previous = None
+    for cfg in plan.phases:
+        if cfg.name is not None:
+            log.info('Starting phase %s', cfg.name)
+        trainers.append(train(cfg, previous=previous))
+        previous = cfg
+    return trainers
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -238,9 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'error: YAML file {args.yaml!r} not found.', file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.yaml, args.overrides)
-        _setup_logging(cfg.python_log_level)
-        train(cfg)
+        run_yaml(args.yaml, args.overrides)
     except ConfigError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from composer_maect.config import ConfigError, TrainConfig, load_config
+from composer_maect.config import ConfigError, TrainConfig, load_config, load_run
 
 YAMLS = sorted((Path(__file__).parents[1] / 'yamls').glob('*.yaml'))
 MNIST_YAML = Path(__file__).parents[1] / 'yamls' / 'mae_pretrain_mnist.yaml'
@@ -10,8 +10,9 @@ MNIST_YAML = Path(__file__).parents[1] / 'yamls' / 'mae_pretrain_mnist.yaml'
 
 @pytest.mark.parametrize('path', YAMLS, ids=[p.name for p in YAMLS])
 def test_every_yaml_validates(path):
-    config = load_config(str(path))
-    assert isinstance(config, TrainConfig)
+    plan = load_run(str(path))
+    assert plan.phases
+    assert all(isinstance(config, TrainConfig) for config in plan.phases)
 
 
 def test_variables_and_overrides_resolve():
