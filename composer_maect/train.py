@@ -20,6 +20,7 @@ from composer import ComposerModel, Trainer
 from composer.utils import dist, get_device, reproducibility
 
 from composer_maect import registry
+from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
@@ -169,9 +170,13 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
     load_weights_only = cfg.load_weights_only
     if cfg.name is not None:
         run_name = f'{cfg.run_name}-{cfg.name}'
+    load_ignore_keys = cfg.load_ignore_keys
     if previous is not None:
         load_path = _final_checkpoint(previous)
         load_weights_only = True
+        # A head with an EMA target projector starts it from the previous phase's projector: the target keys are
+        # left out of the load (a sharded load would require them) and filled from the projector keys.
+        load_ignore_keys = [*(cfg.load_ignore_keys or []), f'state/model/{HEAD_ATTRIBUTE}.head.target_projector*']
         log.info('Phase %s starts from the weights of phase %s (%s)', cfg.name, previous.name, load_path)
 
     device_batch_size = cfg.global_train_batch_size // world_size
@@ -232,7 +237,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         load_path=load_path,
         load_weights_only=load_weights_only,
         load_strict_model_weights=cfg.load_strict_model_weights,
-        load_ignore_keys=cfg.load_ignore_keys,
+        load_ignore_keys=load_ignore_keys,
         python_log_level=cfg.python_log_level,
         dist_timeout=cfg.dist_timeout,
     )
@@ -249,9 +254,14 @@ def _phase_run_name(cfg: TrainConfig) -> str:
 
 
 def _final_checkpoint(cfg: TrainConfig) -> str:
-    """Return the path of the latest checkpoint that phase ``cfg`` saves (``{rank}`` left for Composer to fill)."""
+    """Return the path of the latest checkpoint that phase ``cfg`` saves.
+
+    Only rank 0 writes the ``latest`` link, for monolithic and sharded checkpoints alike, so every rank reads rank 0's
+    link. In an object store Composer saves the link as a ``.symlink`` object that names the checkpoint.
+    """
     folder = cfg.save_folder.format(run_name=_phase_run_name(cfg))
-    return f'{folder}/{cfg.save_latest_filename}'
+    path = f'{folder}/{cfg.save_latest_filename.format(rank=0)}'
+    return f'{path}.symlink' if '://' in folder else path
 
 
 def _check_phases(phases: list[TrainConfig]) -> None:
@@ -294,7 +304,32 @@ def run_yaml(path: str, overrides: Sequence[str] = ()) -> list[Trainer]:
             log.info('Starting phase %s', cfg.name)
         trainers.append(train(cfg, previous=previous))
         previous = cfg
+    _log_knn_summary(plan.phases, trainers)
     return trainers
+
+
+def _log_knn_summary(phases: list[TrainConfig], trainers: list[Trainer]) -> None:
+    """Log the k-NN accuracy before the first phase and after each phase, when a KNNMonitor measured it."""
+    from composer_maect.callbacks import KNNMonitor
+
+    lines = []
+    for index, (cfg, trainer) in enumerate(zip(phases, trainers, strict=True)):
+        monitor = next((cb for cb in trainer.state.callbacks if isinstance(cb, KNNMonitor)), None)
+        if monitor is None or not monitor.last_results:
+            continue
+        label = cfg.name or 'training'
+        if index == 0 and monitor.first_results:
+            lines.append(f'  before {label:<12} {_format_knn(monitor.first_results)}')
+        lines.append(f'  after {label:<13} {_format_knn(monitor.last_results)}')
+    if lines and dist.get_global_rank() == 0:
+        log.info('k-NN accuracy of the encoder on the held-out split:\n%s', '\n'.join(lines))
+
+
+def _format_knn(results: dict[str, float]) -> str:
+    top1 = {name.split('@')[1]: value for name, value in results.items() if name.startswith('knn/top1@')}
+    weights = 'EMA weights' if results.get('knn/uses_ema') else 'training weights'
+    accuracies = ', '.join(f'top-1 {100 * value:.1f}% (k={k})' for k, value in top1.items())
+    return f'{accuracies} [{weights}]'
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -304,6 +339,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument('yaml', help='path to the training YAML')
     parser.add_argument('overrides', nargs='*', help='key=value overrides with dotted keys, e.g. max_duration=10ba')
+    parser.add_argument(
+        '--dry-run',
+        action='store_true',
+        help='build each phase on the meta device and print its parameters, learning rates, FLOPs and data, '
+        'without reading data or training',
+    )
     return parser.parse_args(argv)
 
 
@@ -314,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'error: YAML file {args.yaml!r} not found.', file=sys.stderr)
         return 2
     try:
-        run_yaml(args.yaml, args.overrides)
+        if args.dry_run:
+            from composer_maect.dry_run import describe_run
+
+            print(describe_run(load_run(args.yaml, args.overrides)))
+        else:
+            run_yaml(args.yaml, args.overrides)
     except ConfigError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

@@ -137,3 +137,45 @@ def test_code_paths_register_a_callback(tmp_path, mnist_shards):
     )
     assert status == 0
     assert marker.read_text() == 'ok'
+
+
+def test_mae_ct_recipe_runs_mae_first_then_phases(tmp_path):
+    """The MNIST MAE-CT recipe, shortened: MAE runs first, then head initialisation and tuning, then a summary."""
+    data_root = tmp_path / 'data'
+    mae_checkpoint = tmp_path / 'runs' / 'mae-pretrain-mnist' / 'checkpoints' / 'latest-rank0.pt'
+    command = [
+        *composer_launcher(),
+        '-n',
+        '1',
+        '-m',
+        'composer_maect.train',
+        str(YAMLS / 'mae_ct_mnist.yaml'),
+        f'variables.data_root={data_root}',
+        f'variables.mae_checkpoint={mae_checkpoint}',
+        f'run_first.overrides=[variables.data_root={data_root},max_duration=3ba,save_interval=3ba]',
+        'phases.head_init.max_duration=3ba',
+        'phases.tuning.max_duration=3ba',
+        'save_interval=3ba',
+        'callbacks.knn_monitor.max_train_samples=500',
+    ]
+    result = run_command(command, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert mae_checkpoint.exists()
+    for phase in ('head_init', 'tuning'):
+        assert (tmp_path / 'runs' / f'mae-ct-mnist-{phase}' / 'checkpoints' / 'latest-rank0.pt').exists()
+    tuning = tmp_path / 'runs' / 'mae-ct-mnist-tuning' / 'checkpoints' / 'latest-rank0.pt'
+    model_state = torch.load(tuning, map_location='cpu', weights_only=False)['state']['model']
+    assert 'maect_head.head.target_projector.0.weight' in model_state
+    assert 'maect_head.queue.queue' in model_state
+    assert 'k-NN accuracy of the encoder on the held-out split' in output
+    assert re.search(r'before head_init +top-1 [0-9.]+% \(k=10\)', output)
+    assert re.search(r'after tuning +top-1 [0-9.]+% \(k=10\), top-1 [0-9.]+% \(k=20\) \[EMA weights\]', output)
+
+    # A second run finds every phase finished and resumes none of them.
+    rerun = run_command(command, cwd=tmp_path)
+    rerun_output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, rerun_output[-4000:]
+    assert 'not found: running' not in rerun_output
+    assert 'loss/train/nnclr' not in rerun_output
+    assert 'after tuning' in rerun_output

@@ -191,6 +191,8 @@ class KNNMonitor(Callback):
 
     Attributes:
         last_results: the metrics of the latest evaluation, keyed as logged. Empty before the first one.
+        first_results: the metrics of the first evaluation of this run (saved in checkpoints, like
+            ``last_results``).
 
     Raises:
         ValueError: invalid arguments (the message names the value). At ``INIT``, also more than one EMA algorithm
@@ -256,6 +258,7 @@ class KNNMonitor(Callback):
         self.transform = build_transform('eval', img_size=img_size, mean=mean, std=std, **eval_options)
 
         self.last_results: dict[str, float] = {}
+        self.first_results: dict[str, float] = {}
         self._is_due = create_interval_scheduler(self.interval, include_end_of_training=False, checkpoint_events=False)
         self._train_loader: DataLoader | None = None
         self._val_loader: DataLoader | None = None
@@ -289,13 +292,14 @@ class KNNMonitor(Callback):
             self.evaluate(state, logger)
 
     def state_dict(self) -> dict[str, Any]:
-        return {'last_results': dict(self.last_results)}
+        return {'last_results': dict(self.last_results), 'first_results': dict(self.first_results)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        results = state.get('last_results', {})
-        if not isinstance(results, Mapping):
-            raise ValueError(f'KNNMonitor state has last_results of type {type(results).__name__}, expected a dict.')
-        self.last_results = {str(name): float(value) for name, value in results.items()}
+        for key in ('last_results', 'first_results'):
+            results = state.get(key, {})
+            if not isinstance(results, Mapping):
+                raise ValueError(f'KNNMonitor state has {key} of type {type(results).__name__}, expected a dict.')
+            setattr(self, key, {str(name): float(value) for name, value in results.items()})
 
     def evaluate(self, state: State, logger: Logger) -> dict[str, float]:
         """Compute, log and return the k-NN metrics of the model in ``state``. Every rank must call it."""
@@ -331,6 +335,8 @@ class KNNMonitor(Callback):
         metrics['knn/uses_ema'] = 1 if uses_ema else 0
         logger.log_metrics(metrics)
         self.last_results = metrics
+        if not self.first_results:
+            self.first_results = dict(metrics)
         self._last_evaluated_batch = int(state.timestamp.batch)
 
         if dist.get_global_rank() == 0:
