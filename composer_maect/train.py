@@ -242,7 +242,12 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         dist_timeout=cfg.dist_timeout,
     )
     try:
-        trainer.fit()
+        max_duration = trainer.state.max_duration
+        if max_duration is not None and trainer.state.timestamp.get(max_duration.unit) >= max_duration:
+            # Composer rejects fit() on a run that autoresume restored at its end.
+            log.info('Run %s is already finished at %s: nothing to train', run_name, max_duration)
+        else:
+            trainer.fit()
     finally:
         trainer.close()
     log.info('Finished training at %s', trainer.state.timestamp.batch)
