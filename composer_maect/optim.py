@@ -42,7 +42,10 @@ def is_excluded_from_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups_weight_decay(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed and a non-decayed group; frozen parameters are left out."""
+    """Split trainable parameters into a decayed and a non-decayed group; frozen parameters are left out.
+
+    The groups are named ``'decay'`` and ``'no_decay'`` (the ``name`` key), even when ``weight_decay`` is 0.
+    """
     decay, no_decay = [], []
     for name, param in named_parameters:
         if not param.requires_grad:
@@ -50,9 +53,9 @@ def param_groups_weight_decay(named_parameters: Iterable[tuple[str, nn.Parameter
         (no_decay if is_excluded_from_weight_decay(name, param) else decay).append(param)
     groups = []
     if decay:
-        groups.append({'params': decay, 'weight_decay': weight_decay})
+        groups.append({'params': decay, 'weight_decay': weight_decay, 'name': 'decay'})
     if no_decay:
-        groups.append({'params': no_decay, 'weight_decay': 0.0})
+        groups.append({'params': no_decay, 'weight_decay': 0.0, 'name': 'no_decay'})
     return groups
 
 

@@ -26,6 +26,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from composer_maect.algorithms.layerwise_unfreezing import find_vision_transformer
 from composer_maect.losses import nnclr_loss
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 # Name of the head attribute on the ComposerModel; it is a direct child so that FSDP wraps it as its own unit.
 HEAD_ATTRIBUTE = 'maect_head'
 LOSS_MODES = ('replace', 'add')
+# Modules of a timm VisionTransformer that only its classifier path (forward_head) uses, not forward_features.
+_VIT_HEAD_MODULES = frozenset({'attn_pool', 'fc_norm', 'head_drop', 'head'})
 
 
 class ContrastiveHead(nn.Module):
@@ -106,8 +109,7 @@ def attach_contrastive_head(
         lr = optimizer.defaults['lr'] * head_lr_scale
         weight_decay = optimizer.defaults.get('weight_decay', 0.0) if head_weight_decay is None else head_weight_decay
         for group in param_groups_weight_decay(module.named_parameters(), weight_decay):
-            suffix = 'decay' if group['weight_decay'] > 0 else 'no_decay'
-            optimizer.add_param_group({**group, 'lr': lr, 'name': f'head.{suffix}'})
+            optimizer.add_param_group({**group, 'lr': lr, 'name': f'head.{group["name"]}'})
         log.info('NNCLR head: lr %.3g, weight decay %g, queue %d x %d', lr, weight_decay, queue_size, out_dim)
     return vit, module
 
@@ -131,8 +133,9 @@ class ContrastiveTuning(Algorithm):
           ``model.maect_head`` (a direct child, so Composer's FSDP wraps it and checkpoints save it), and adds the
           head's parameters to the optimizer.
         * ``FIT_START``: checks that the global batch divides the queue size and that the batch is not split into
-          microbatches (batch norm statistics and in-batch negatives depend on the whole batch); under FSDP2 registers
-          ``forward_features`` of the ViT as a forward method.
+          microbatches (batch norm statistics and in-batch negatives depend on the whole batch). Under DDP with
+          ``loss_mode='replace'`` it checks that the NNCLR loss reaches every trainable parameter, which a trainable
+          classifier fails. Under FSDP2 it registers ``forward_features`` of the ViT as a forward method.
         * ``AFTER_LOSS`` (every microbatch): encodes two views, computes the NNCLR loss, enqueues view 0 and sets
           ``state.loss`` to ``{'nnclr', 'total'}`` (``loss_mode='replace'``) or ``{'model', 'nnclr', 'total'}`` with
           ``total = model + loss_weight × nnclr`` (``'add'``).
@@ -242,6 +245,7 @@ class ContrastiveTuning(Algorithm):
             self._vit, self._head = attach_contrastive_head(state.model, optimizer, **self.head_kwargs)
         elif event == Event.FIT_START:
             self._check_batch_sizes(state)
+            self._check_ddp_gradients(state)
             self._register_fsdp_forward()
         elif event == Event.AFTER_LOSS:
             self._add_loss(state)
@@ -261,6 +265,33 @@ class ContrastiveTuning(Algorithm):
                 'device_train_microbatch_size or make it equal to the per-rank batch size.'
             )
         self.head.queue.check_batch_size(batch_size * dist.get_world_size())
+
+    def _check_ddp_gradients(self, state: State) -> None:
+        """Raise if DDP would wait for gradients that the 'replace' loss never produces.
+
+        DDP fails at the second step when a trainable parameter got no gradient in the first. In 'replace' mode only
+        the ViT's ``forward_features`` and the head get gradients, so a trainable classifier, for example, would stop
+        the run there with an unclear error.
+        """
+        if self.loss_mode != 'replace' or not isinstance(state.model, DistributedDataParallel):
+            return
+        reached = {
+            id(param) for name, param in self._vit.named_parameters() if name.split('.', 1)[0] not in _VIT_HEAD_MODULES
+        }
+        reached.update(id(param) for param in self.head.parameters())
+        unreached = [
+            name
+            for name, param in state.model.module.named_parameters()
+            if param.requires_grad and id(param) not in reached
+        ]
+        if unreached:
+            listed = ', '.join(unreached[:5]) + (', ...' if len(unreached) > 5 else '')
+            raise ValueError(
+                f"With loss_mode='replace' the NNCLR loss gives no gradient to {len(unreached)} trainable parameters "
+                f'of the model ({listed}), and DDP fails at the next step when a parameter gets no gradient. Freeze '
+                "them with requires_grad_(False) before creating the Trainer, or use loss_mode='add' to train them "
+                "with the model's own loss."
+            )
 
     def _register_fsdp_forward(self) -> None:
         try:
@@ -333,8 +364,8 @@ class ContrastiveTuning(Algorithm):
             state.loss = {'nnclr': loss, 'total': loss}
             return
         base = _total_loss(state.loss)
-        weighted = self.loss_weight * loss
-        state.loss = {'model': base, 'nnclr': weighted, 'total': base + weighted}
+        # 'nnclr' is logged unweighted, so its values compare across runs with different loss weights.
+        state.loss = {'model': base, 'nnclr': loss, 'total': base + self.loss_weight * loss}
 
     def _after_step(self, state: State, logger: Logger) -> None:
         head = self.head.head

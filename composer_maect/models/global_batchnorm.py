@@ -1,8 +1,9 @@
 """Batch normalisation with statistics over the global batch, on any device.
 
-``torch.nn.SyncBatchNorm`` rejects CPU tensors, so the NNCLR head uses this module instead: in training mode with
-more than one rank it all-gathers per-rank sums (with gradient) and normalises with the mean and variance of the whole
-global batch, which is what a single process with the global batch computes. Otherwise it is ``nn.BatchNorm1d``.
+``torch.nn.SyncBatchNorm`` rejects CPU tensors, so the NNCLR head uses this module instead. In training mode with more
+than one rank it all-gathers per-rank means and squared deviations (with gradient). It then normalises with the mean
+and variance of the whole global batch, as a single process with the global batch would. Otherwise it is
+``nn.BatchNorm1d``.
 """
 
 from __future__ import annotations
@@ -24,13 +25,19 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if x.ndim != 2:
             raise ValueError(f'GlobalBatchNorm1d expects inputs [B, C], got shape {tuple(x.shape)}.')
 
+        # Each rank sends its mean and its sum of squared deviations from that mean, and the ranks combine them with
+        # the parallel-variance formula. Sums of x and x^2 would lose the variance to rounding when |mean| >> std.
         x32 = x.float()
-        local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([x32.shape[0]])])  # [2C + 1]
-        total = distributed.all_gather_with_grad(local.unsqueeze(0)).sum(0)
         channels = x.shape[1]
-        count = total[-1]
-        mean = total[:channels] / count
-        var = (total[channels : 2 * channels] / count - mean * mean).clamp_min(0.0)  # biased, for normalising
+        local_count = x32.shape[0]
+        local_mean = x32.sum(0) / max(local_count, 1)
+        local_m2 = ((x32 - local_mean) ** 2).sum(0)
+        local = torch.cat([local_mean, local_m2, x32.new_tensor([local_count])])  # [2C + 1]
+        gathered = distributed.all_gather_with_grad(local.unsqueeze(0))  # [world, 2C + 1]
+        means, m2s, counts = gathered[:, :channels], gathered[:, channels : 2 * channels], gathered[:, -1:]
+        count = counts.sum()
+        mean = (counts * means).sum(0) / count
+        var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / count  # biased, for normalising
 
         if self.track_running_stats:
             with torch.no_grad():
@@ -49,8 +56,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every ``nn.BatchNorm1d`` in ``module`` by a :class:`GlobalBatchNorm1d` with the same state.
 
-    Returns the converted module (a new object when ``module`` itself is a ``BatchNorm1d``). Call it before the
-    parameters are handed to an optimizer, because the replacements have new parameter objects.
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, the replacements take over the original parameter and
+    buffer objects, so ``requires_grad`` (for example of a frozen EMA copy) and an optimizer built before the conversion
+    stay valid. Returns the converted module (a new object when ``module`` itself is a ``BatchNorm1d``).
     """
     if isinstance(module, nn.BatchNorm1d) and not isinstance(module, GlobalBatchNorm1d):
         converted = GlobalBatchNorm1d(
@@ -61,7 +69,10 @@ def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
             track_running_stats=module.track_running_stats,
             device=module.running_mean.device if module.running_mean is not None else None,
         )
-        converted.load_state_dict(module.state_dict())
+        for name, param in module.named_parameters(recurse=False):
+            setattr(converted, name, param)
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(converted, name, buffer)
         converted.train(module.training)
         return converted
     for name, child in module.named_children():

@@ -11,16 +11,22 @@ __all__ = ['random_resized_crop_flip']
 
 
 def _crop_boxes(
-    batch: int, scale: tuple[float, float], ratio: tuple[float, float], device: torch.device
+    batch: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    image_aspect: float,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw crop sizes ``[B, 2]`` (width, height) and centres ``[B, 2]`` in units of the image side, like
-    torchvision's RandomResizedCrop: area uniform in ``scale``, aspect ratio log-uniform in ``ratio``.
+    torchvision's RandomResizedCrop: area uniform in ``scale``, aspect ratio in pixels log-uniform in ``ratio``.
 
-    Instead of torchvision's ten rejection trials, a box wider or taller than the image is clamped to it.
+    ``image_aspect`` is the image's width / height in pixels. Instead of torchvision's ten rejection trials, a box
+    wider or taller than the image is clamped to it.
     """
     area = torch.empty(batch, device=device).uniform_(scale[0], scale[1])
     log_ratio = torch.empty(batch, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    aspect = torch.exp(log_ratio)
+    # A crop of relative size (w, h) has w * W / (h * H) pixels of width per pixel of height.
+    aspect = torch.exp(log_ratio) / image_aspect
     width = torch.sqrt(area * aspect).clamp(max=1.0)
     height = torch.sqrt(area / aspect).clamp(max=1.0)
     size = torch.stack([width, height], dim=1)
@@ -43,7 +49,7 @@ def random_resized_crop_flip(
     Args:
         images: ``[B, C, H, W]`` float images, already normalised.
         scale: range of the crop area as a fraction of the image area.
-        ratio: range of the crop aspect ratio (width / height).
+        ratio: range of the crop aspect ratio (width / height, in pixels).
         hflip: flip each crop horizontally with probability 0.5.
 
     Returns:
@@ -57,7 +63,7 @@ def random_resized_crop_flip(
         raise ValueError(f'Invalid crop ratio {ratio}: expected 0 < min <= max.')
     batch = images.shape[0]
     device = images.device
-    size, centre = _crop_boxes(batch, scale, ratio, device)
+    size, centre = _crop_boxes(batch, scale, ratio, images.shape[-1] / images.shape[-2], device)
 
     # affine_grid works in [-1, 1] coordinates: a crop of relative size s centred at c maps x to s * x + (2c - 1).
     theta = torch.zeros(batch, 2, 3, device=device, dtype=torch.float32)
