@@ -5,19 +5,14 @@ batch and writes its results to a file, and the test compares them with ``nn.Bat
 pytest process.
 """
 
-import os
-import socket
-import sys
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from composer_maect.models.global_batchnorm import GlobalBatchNorm1d, convert_to_global_batchnorm
+
+from .gloo import spawn_ranks
 
 WORLD_SIZE = 2
 CHANNELS = 5
@@ -199,39 +194,6 @@ def test_convert_leaves_global_batchnorm_alone():
 # Two gloo ranks on 127.0.0.1
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def _run_rank(process_rank: int, port: int, out_dir: str) -> None:
-    names = {name for _, name in socket.if_nameindex()}
-    interface = next((name for name in ('lo', 'lo0') if name in names), None)
-    if interface is not None:
-        # Gloo would otherwise pick the interface of the host name's address.
-        os.environ['GLOO_SOCKET_IFNAME'] = interface
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            'gloo',
-            init_method=f'tcp://127.0.0.1:{port}',
-            rank=process_rank,
-            world_size=WORLD_SIZE,
-            timeout=timedelta(seconds=60),
-        )
-        result = two_rank_worker(process_rank)
-        dist.barrier()
-    except Exception:
-        result = {'error': traceback.format_exc()}
-    torch.save(result, os.path.join(out_dir, f'rank{process_rank}.pt'))
-    # NOTE: in torch 2.7, destroying a gloo process group (explicitly or at interpreter exit) can deadlock, because
-    # its destructor joins worker threads while holding the GIL. The results are saved, so exit without destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def two_rank_worker(process_rank: int) -> dict:
     """Normalise this rank's share of the global batch, equal and unequal, and backpropagate the equal one."""
     module = seeded_affine(GlobalBatchNorm1d(CHANNELS))
@@ -268,11 +230,7 @@ def two_rank_worker(process_rank: int) -> dict:
 
 
 def test_two_ranks_match_global_batch(tmp_path):
-    port = free_port()
-    mp.spawn(_run_rank, args=(port, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD_SIZE)]
-    for process_rank, result in enumerate(results):
-        assert 'error' not in result, f'rank {process_rank} failed:\n{result["error"]}'
+    results = spawn_ranks(two_rank_worker, tmp_path, WORLD_SIZE)
 
     reference = seeded_affine(nn.BatchNorm1d(CHANNELS))
     inputs = seeded_inputs(GLOBAL_BATCH, seed=0).requires_grad_()

@@ -10,16 +10,10 @@ import logging
 import math
 import os
 import shutil
-import socket
-import sys
-import traceback
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from composer import Trainer
 from composer.algorithms import EMA
@@ -36,6 +30,8 @@ from composer_maect.data.transforms import build_transform
 from composer_maect.evaluation import MIN_TEMPERATURE, extract_features, knn_accuracy, knn_predict
 from composer_maect.models.pooling import POOLINGS, encode_pooled, pool_tokens
 from composer_maect.models.vit import create_encoder
+
+from .gloo import spawn_ranks
 
 IMG = 16
 PATCH = 4
@@ -526,38 +522,8 @@ def extract_on_rank(process_rank):
     return {'full': full, 'limited': limited}
 
 
-def _run_rank(process_rank, init_file, out_dir):
-    names = {name for _, name in socket.if_nameindex()}
-    interface = next((name for name in ('lo', 'lo0') if name in names), None)
-    if interface is not None:
-        # Keep gloo on the loopback interface.
-        os.environ['GLOO_SOCKET_IFNAME'] = interface
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            'gloo',
-            init_method=f'file://{init_file}',
-            rank=process_rank,
-            world_size=WORLD_SIZE,
-            timeout=timedelta(seconds=60),
-        )
-        result = extract_on_rank(process_rank)
-        dist.barrier()
-    except Exception:
-        result = {'error': traceback.format_exc()}
-    torch.save(result, os.path.join(out_dir, f'rank{process_rank}.pt'))
-    # NOTE: exiting without destructors avoids a deadlock that torch 2.7's gloo process group can hit when it is
-    # destroyed while a worker thread still releases a tensor.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def test_extract_features_two_ranks(tmp_path):
-    mp.spawn(_run_rank, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    results = [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(WORLD_SIZE)]
-    for rank, result in enumerate(results):
-        assert 'error' not in result, f'rank {rank} failed:\n{result.get("error")}'
+    results = spawn_ranks(extract_on_rank, tmp_path, WORLD_SIZE)
 
     reference = expected_features(tiny_vit(), list(range(8)))
     for rank, result in enumerate(results):

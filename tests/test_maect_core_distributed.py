@@ -4,22 +4,17 @@ Each test starts two ranks with ``torch.multiprocessing.spawn``. The ranks write
 compares them with a run of the same global batch in the pytest process itself.
 """
 
-import os
-import socket
-import sys
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from composer_maect.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 from composer_maect.losses import nnclr_loss
 from composer_maect.models.queue import NNQueue
+
+from .gloo import spawn_ranks
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 4
@@ -28,55 +23,6 @@ IN_DIM = 6
 DIM = 8
 QUEUE_SIZE = 2 * GLOBAL_BATCH
 TEMPERATURE = 0.2
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def loopback_interface() -> str | None:
-    names = {name for _, name in socket.if_nameindex()}
-    return next((name for name in ('lo', 'lo0') if name in names), None)
-
-
-def spawn_ranks(worker, tmp_path):
-    """Run ``worker(rank)`` on two gloo ranks and return each rank's results, raising here if a rank failed."""
-    port = free_port()
-    mp.spawn(_init_and_run, args=(worker, port, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD_SIZE)]
-    for process_rank, result in enumerate(results):
-        if 'error' in result:
-            raise AssertionError(f'rank {process_rank} failed:\n{result["error"]}')
-    return results
-
-
-def _init_and_run(process_rank, worker, port, out_dir):
-    interface = loopback_interface()
-    if interface is not None:
-        # Keep gloo on the loopback interface instead of the address that the host name resolves to.
-        os.environ['GLOO_SOCKET_IFNAME'] = interface
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            'gloo',
-            init_method=f'tcp://127.0.0.1:{port}',
-            rank=process_rank,
-            world_size=WORLD_SIZE,
-            timeout=timedelta(seconds=60),
-        )
-        result = worker(process_rank)
-        dist.barrier()
-    except Exception:
-        result = {'error': traceback.format_exc()}
-    torch.save(result, os.path.join(out_dir, f'rank{process_rank}.pt'))
-    # NOTE: torch 2.7's ProcessGroupGloo destructor joins its worker threads while holding the GIL. A worker that is
-    # still releasing a tensor with a Python object needs the GIL, so destroy_process_group (or interpreter exit) can
-    # deadlock, and it did once in the first few runs of this file. Exiting without running destructors avoids it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

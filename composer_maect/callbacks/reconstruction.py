@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from composer.utils import create_interval_scheduler, dist, format_name_with_dis
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from composer_maect.evaluation.features import eval_mode
 from composer_maect.models.mae import MAEModel, normalize_patches, unpatchify
 
 __all__ = ['ReconstructionImages']
@@ -26,22 +27,6 @@ log = logging.getLogger(__name__)
 _MASKED_PATCH_GREY = 0.5
 # Width in pixels of the white border that torchvision.utils.make_grid draws around every image.
 _GRID_PADDING = 2
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own mode afterwards.
-
-    Restoring per module keeps submodules that the training run keeps in eval mode (a frozen encoder, for example)
-    in eval mode, which ``model.train(True)`` would undo.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
@@ -184,7 +169,7 @@ class ReconstructionImages(Callback):
         precision = (
             get_precision_context(state.precision, state.precision_config) if state else contextlib.nullcontext()
         )
-        with torch.no_grad(), _eval_mode(model), _fork_rng(images.device), precision:
+        with torch.no_grad(), eval_mode(model), _fork_rng(images.device), precision:
             outputs = model({'image': images})
 
         pred = outputs['pred'].float()

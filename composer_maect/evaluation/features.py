@@ -16,13 +16,13 @@ from torch import nn
 from composer_maect.distributed import all_gather_no_grad, is_distributed, world_size
 from composer_maect.models.pooling import check_pooling, encode_pooled
 
-__all__ = ['extract_features']
+__all__ = ['eval_mode', 'extract_features']
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode and restore each one's own training flag afterwards.
 
     Restoring per module keeps submodules that the training run keeps in eval mode (a frozen encoder, for example)
@@ -143,7 +143,7 @@ def extract_features(
     label_batches: list[torch.Tensor] = []
     index_batches: list[torch.Tensor] = []
     num_read = 0
-    with torch.no_grad(), _eval_mode(vit):
+    with torch.no_grad(), eval_mode(vit):
         for batch in dataloader:
             images = _images_from_batch(batch)
             labels = _column_from_batch(batch, 'label')
