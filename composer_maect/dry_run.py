@@ -33,10 +33,14 @@ from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE, Contras
 from composer_maect.algorithms.layerwise_unfreezing import LayerwiseUnfreezing, find_vision_transformer
 from composer_maect.config import ConfigError, RunPlan, TrainConfig
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
-
-# Private helpers of the training entry point, imported so that the dry run checks phases, imports code and finds the
-# hand-over checkpoint exactly as training does.
-from composer_maect.train import _check_phases, _final_checkpoint, _import_code_paths, _phase_run_name, build_model
+from composer_maect.train import (
+    build_model,
+    check_config,
+    check_phases,
+    final_checkpoint,
+    import_code_paths,
+    phase_run_name,
+)
 
 __all__ = ['describe_phase', 'describe_run', 'resolve_world_size']
 
@@ -85,7 +89,7 @@ def describe_run(plan: RunPlan, *, world_size: int | None = None) -> str:
             that the processes or the queue cannot divide, an encoder that cannot be built, ...).
     """
     processes, world_size_note = resolve_world_size(world_size)
-    _check_phases(plan.phases)
+    check_phases(plan.phases)
     count = len(plan.phases)
     lines = [
         f'Dry run of {_plural(count, "phase")} with {_plural(processes, "process", "processes")}. {world_size_note}',
@@ -131,15 +135,15 @@ def describe_phase(
         ConfigError: as :func:`describe_run`.
     """
     problems = [] if problems is None else problems
-    name = cfg.name or _phase_run_name(cfg)
-    _import_code_paths(cfg.code_paths)
+    name = cfg.name or phase_run_name(cfg)
+    import_code_paths(cfg.code_paths)
     _check_phase(cfg, world_size, name)
 
     model, optimizer = _build_phase(cfg, world_size, name)
     if cfg.name is None:
-        lines = [f'Run {_phase_run_name(cfg)} (no phases)']
+        lines = [f'Run {phase_run_name(cfg)} (no phases)']
     else:
-        lines = [f'Phase {index + 1} of {count}: {name} (Trainer run name {_phase_run_name(cfg)})']
+        lines = [f'Phase {index + 1} of {count}: {name} (Trainer run name {phase_run_name(cfg)})']
     lines += _describe_schedule(cfg, world_size)
     lines += _describe_start(cfg, previous, problems)
     lines += _describe_model(cfg, model)
@@ -160,29 +164,11 @@ def describe_phase(
 
 
 def _check_phase(cfg: TrainConfig, world_size: int, name: str) -> None:
-    """Reject what ``train.py`` rejects before building anything, apart from missing local shards."""
-    batch = cfg.global_train_batch_size
-    if batch <= 0 or batch % world_size:
-        raise ConfigError(
-            f"Phase {name!r}: 'global_train_batch_size' {batch} must be a positive multiple of the number of "
-            f'processes ({world_size}). Change it or the process count.'
-        )
-    loader = cfg.train_loader
-    if loader.views not in (1, 2):
-        raise ConfigError(f"Phase {name!r}: invalid 'train_loader.views' {loader.views}, expected 1 or 2.")
-    if loader.transform.img_size != cfg.model.encoder.img_size:
-        raise ConfigError(
-            f"Phase {name!r}: 'train_loader.transform.img_size' ({loader.transform.img_size}) differs from "
-            f"'model.encoder.img_size' ({cfg.model.encoder.img_size}). Set both to the training resolution."
-        )
-    if cfg.autoresume and not (cfg.run_name and cfg.save_folder):
-        raise ConfigError(
-            f"Phase {name!r}: 'autoresume: true' needs 'run_name' and 'save_folder', so that the run can find its "
-            'checkpoints.'
-        )
+    """Reject what the trainer rejects before building anything, apart from missing local shards."""
     try:
+        check_config(cfg, world_size, require_data=False)
         build_scheduler(cfg.scheduler.warmup, cfg.scheduler.alpha_f)
-    except ValueError as error:
+    except (ConfigError, ValueError) as error:
         raise ConfigError(f'Phase {name!r}: {error}') from None
 
 
@@ -219,7 +205,7 @@ def _build_phase(cfg: TrainConfig, world_size: int, name: str) -> tuple[nn.Modul
     state = State(
         model=model,
         rank_zero_seed=cfg.seed,
-        run_name=_phase_run_name(cfg),
+        run_name=phase_run_name(cfg),
         device=DeviceCPU(),
         optimizers=optimizer,
         algorithms=list(algorithms.values()),
@@ -304,8 +290,8 @@ def _describe_schedule(cfg: TrainConfig, world_size: int) -> list[str]:
 
 def _describe_start(cfg: TrainConfig, previous: TrainConfig | None, problems: list[str]) -> list[str]:
     if previous is not None:
-        return [_row('starts from', f'the last checkpoint of phase {previous.name}: {_final_checkpoint(previous)}')]
-    phase = cfg.name or _phase_run_name(cfg)
+        return [_row('starts from', f'the last checkpoint of phase {previous.name}: {final_checkpoint(previous)}')]
+    phase = cfg.name or phase_run_name(cfg)
     init_from = cfg.model.init_from
     if init_from is None:
         return [_row('starts from', 'random initialisation (no model.init_from)')]
@@ -451,7 +437,7 @@ def _describe_split(label: str, remote: str | None, local: str, problems: list[s
 
 def _describe_data(cfg: TrainConfig, problems: list[str]) -> list[str]:
     loader = cfg.train_loader
-    phase = cfg.name or _phase_run_name(cfg)
+    phase = cfg.name or phase_run_name(cfg)
     # With prepare_data, train.py converts the data set first, so missing shards are not a problem.
     split_problems = problems if cfg.prepare_data is None else None
     options = ', '.join(f'{key}: {value}' for key, value in loader.transform.options().items())
@@ -507,7 +493,7 @@ def _describe_components(cfg: TrainConfig) -> list[str]:
 def _describe_checkpoints(cfg: TrainConfig) -> list[str]:
     if cfg.save_folder is None:
         return [_row('checkpoints', 'not saved (no save_folder)')]
-    folder = cfg.save_folder.format(run_name=_phase_run_name(cfg))
+    folder = cfg.save_folder.format(run_name=phase_run_name(cfg))
     keep = 'all' if cfg.save_num_checkpoints_to_keep < 0 else str(cfg.save_num_checkpoints_to_keep)
     state_dict_type = (cfg.fsdp_config or {}).get('state_dict_type')
     kind = 'sharded' if state_dict_type == 'sharded' else 'one file per save'

@@ -24,7 +24,18 @@ from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
-__all__ = ['build_model', 'build_train_dataloader', 'main', 'run_yaml', 'train']
+__all__ = [
+    'build_model',
+    'build_train_dataloader',
+    'check_config',
+    'check_phases',
+    'final_checkpoint',
+    'import_code_paths',
+    'main',
+    'phase_run_name',
+    'run_yaml',
+    'train',
+]
 
 # Named explicitly: under `python -m composer_maect.train` this module's __name__ is '__main__'.
 log = logging.getLogger('composer_maect.train')
@@ -37,7 +48,7 @@ def _setup_logging(level: str) -> None:
     logging.getLogger('composer_maect').setLevel(level.upper())
 
 
-def _import_code_paths(paths: Sequence[str]) -> None:
+def import_code_paths(paths: Sequence[str]) -> None:
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(f"'code_paths': file {path!r} not found.")
@@ -52,8 +63,11 @@ def _shards_present(folder: str, split: str | None) -> bool:
     return (Path(folder) / (split or '') / 'index.json').is_file()
 
 
-def _check_config(cfg: TrainConfig, world_size: int) -> None:
-    """Reject what would fail later, before any data is read or any model is built."""
+def check_config(cfg: TrainConfig, world_size: int, *, require_data: bool = True) -> None:
+    """Reject what would fail later, before any data is read or any model is built.
+
+    With ``require_data=False`` missing local shards are not an error (the dry run reports them instead).
+    """
     if cfg.global_train_batch_size <= 0 or cfg.global_train_batch_size % world_size:
         raise ConfigError(
             f"'global_train_batch_size' {cfg.global_train_batch_size} must be a positive multiple of the number of "
@@ -70,7 +84,7 @@ def _check_config(cfg: TrainConfig, world_size: int) -> None:
     if cfg.autoresume and not (cfg.run_name and cfg.save_folder):
         raise ConfigError("'autoresume: true' needs 'run_name' and 'save_folder' so the run can find its checkpoints.")
     has_data = loader.remote is not None or _shards_present(loader.local, loader.split)
-    if not has_data and cfg.prepare_data is None:
+    if require_data and not has_data and cfg.prepare_data is None:
         where = Path(loader.local) / (loader.split or '')
         raise ConfigError(
             f"'train_loader.local': no MDS shards (index.json) in {str(where)!r} and no 'train_loader.remote'. "
@@ -158,12 +172,12 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
             checkpoint of its own to resume from.
     """
     _setup_logging(cfg.python_log_level)
-    _import_code_paths(cfg.code_paths)
+    import_code_paths(cfg.code_paths)
     device = get_device(cfg.device)
     if not dist.is_initialized():
         dist.initialize_dist(device, cfg.dist_timeout)
     world_size = dist.get_world_size()
-    _check_config(cfg, world_size)
+    check_config(cfg, world_size)
     _prepare_data(cfg)
 
     run_name, save_folder, load_path = cfg.run_name, cfg.save_folder, cfg.load_path
@@ -172,7 +186,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         run_name = f'{cfg.run_name}-{cfg.name}'
     load_ignore_keys = cfg.load_ignore_keys
     if previous is not None:
-        load_path = _final_checkpoint(previous)
+        load_path = final_checkpoint(previous)
         load_weights_only = True
         # A head with an EMA target projector starts it from the previous phase's projector: the target keys are
         # left out of the load (a sharded load would require them) and filled from the projector keys.
@@ -254,22 +268,22 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
     return trainer
 
 
-def _phase_run_name(cfg: TrainConfig) -> str:
+def phase_run_name(cfg: TrainConfig) -> str:
     return f'{cfg.run_name}-{cfg.name}' if cfg.name is not None else str(cfg.run_name)
 
 
-def _final_checkpoint(cfg: TrainConfig) -> str:
+def final_checkpoint(cfg: TrainConfig) -> str:
     """Return the path of the latest checkpoint that phase ``cfg`` saves.
 
     Only rank 0 writes the ``latest`` link, for monolithic and sharded checkpoints alike, so every rank reads rank 0's
     link. In an object store Composer saves the link as a ``.symlink`` object that names the checkpoint.
     """
-    folder = cfg.save_folder.format(run_name=_phase_run_name(cfg))
+    folder = cfg.save_folder.format(run_name=phase_run_name(cfg))
     path = f'{folder}/{cfg.save_latest_filename.format(rank=0)}'
     return f'{path}.symlink' if '://' in folder else path
 
 
-def _check_phases(phases: list[TrainConfig]) -> None:
+def check_phases(phases: list[TrainConfig]) -> None:
     if len(phases) < 2:
         return
     for cfg in phases:
@@ -301,7 +315,7 @@ def run_yaml(path: str, overrides: Sequence[str] = ()) -> list[Trainer]:
                 f"'run_first': {first} finished but did not produce {plan.run_first.unless_exists!r}; make "
                 'run_first.unless_exists the checkpoint that it saves.'
             )
-    _check_phases(plan.phases)
+    check_phases(plan.phases)
     trainers = []
     previous = None
     for cfg in plan.phases:
