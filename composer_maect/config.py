@@ -3,7 +3,7 @@
 A YAML is loaded with OmegaConf, merged with ``key=value`` overrides from the command line, resolved (so
 ``${variables.x}`` interpolations work), stripped of its free-form ``variables`` section, and then checked against the
 dataclasses below before anything is built. Every unknown key, wrong type and missing required key is reported at
-once, each with its dotted path; an unknown key also gets the closest valid key as a suggestion.
+once, each with its dotted path. An unknown key also gets the closest valid key as a suggestion.
 """
 
 from __future__ import annotations
@@ -73,9 +73,15 @@ class DecoderConfig:
 
 @dataclass
 class InitFromConfig:
-    """Encoder weights loaded before training, from a checkpoint of this package or an official MAE file."""
+    """Encoder weights loaded before training (``composer_maect.checkpoints.load_encoder_weights``).
+
+    ``path`` is a local file or sharded checkpoint folder: a Composer checkpoint of this package, an official MAE or
+    MAE-CT file, or a timm state dict. ``weights`` selects the training weights (``raw``) or, from a Composer
+    checkpoint of a run with the ``ema`` algorithm, its EMA weights (``ema``). Every encoder tensor must match.
+    """
 
     path: str
+    weights: Literal['raw', 'ema'] = 'raw'
 
 
 @dataclass
@@ -231,7 +237,7 @@ class TrainConfig:
 
 @dataclass
 class RunPlan:
-    """What one YAML runs: optionally another YAML first, then one or more phases in order.
+    """The runs of one YAML: optionally another YAML first, then one or more phases in order.
 
     A YAML may have a top-level ``phases`` list. Each phase is a mapping with a ``name`` and any top-level keys, which
     are merged over the top level (mappings key by key, other values replaced). Each phase is a separate Trainer run

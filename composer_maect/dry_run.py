@@ -31,6 +31,7 @@ from torch import nn
 from composer_maect import registry
 from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE, ContrastiveTuning, attach_contrastive_head
 from composer_maect.algorithms.layerwise_unfreezing import LayerwiseUnfreezing, find_vision_transformer
+from composer_maect.checkpoints import check_encoder_weights
 from composer_maect.config import ConfigError, RunPlan, TrainConfig
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 from composer_maect.train import (
@@ -145,7 +146,7 @@ def describe_phase(
     else:
         lines = [f'Phase {index + 1} of {count}: {name} (Trainer run name {phase_run_name(cfg)})']
     lines += _describe_schedule(cfg, world_size)
-    lines += _describe_start(cfg, previous, problems)
+    lines += _describe_start(cfg, previous, model, problems)
     lines += _describe_model(cfg, model)
     lines += _describe_parameters(model)
     lines += _describe_learning_rate(cfg)
@@ -288,7 +289,7 @@ def _describe_schedule(cfg: TrainConfig, world_size: int) -> list[str]:
     ]
 
 
-def _describe_start(cfg: TrainConfig, previous: TrainConfig | None, problems: list[str]) -> list[str]:
+def _describe_start(cfg: TrainConfig, previous: TrainConfig | None, model: nn.Module, problems: list[str]) -> list[str]:
     if previous is not None:
         return [_row('starts from', f'the last checkpoint of phase {previous.name}: {final_checkpoint(previous)}')]
     phase = cfg.name or phase_run_name(cfg)
@@ -299,8 +300,13 @@ def _describe_start(cfg: TrainConfig, previous: TrainConfig | None, problems: li
     if '://' in path:
         status = 'NOT a local file: init_from reads local files only'
         problems.append(f'{phase}: model.init_from {path!r} is a URI. Download it to a local file.')
-    elif Path(path).is_file():
-        status = f'found ({Path(path).stat().st_size / 2**20:,.1f} MiB)'
+    elif Path(path).exists():
+        # Keys and shapes are checked against the meta-device model; the tensors are memory-mapped, not read.
+        try:
+            status = check_encoder_weights(find_vision_transformer(model), path, weights=init_from.weights)
+        except (ValueError, OSError) as error:
+            status = 'does NOT match the encoder'
+            problems.append(f'{phase}: model.init_from {path!r}: {error}')
     else:
         status = 'NOT FOUND'
         problems.append(f'{phase}: model.init_from file {path!r} not found.')

@@ -126,7 +126,7 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel
         **cfg.encoder.timm_kwargs,
     )
     if load_weights and cfg.init_from is not None:
-        load_encoder_weights(encoder, cfg.init_from.path)
+        load_encoder_weights(encoder, cfg.init_from.path, weights=cfg.init_from.weights)
     if cfg.name == 'vit_encoder':
         return ViTEncoderModel(encoder)
     return MAEModel(
