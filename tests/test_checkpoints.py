@@ -806,3 +806,29 @@ def test_synthetic_vith14_loads_into_real_encoder(tmp_path):
     encoder = create_encoder('vit_huge_patch14', img_size=224)
     load_encoder_weights(encoder, path)
     assert torch.count_nonzero(encoder.blocks[31].mlp.fc2.weight) == 0
+
+
+def test_contrastive_tuning_loads_head_at_init(tmp_path):
+    from composer import Trainer
+
+    from composer_maect.algorithms import ContrastiveTuning
+    from composer_maect.models.encoder_model import ViTEncoderModel
+
+    state = official_head(in_dim=192)
+    torch.save({'state_dict': state, 'ctor_kwargs': {}}, tmp_path / 'head.th')
+    model = ViTEncoderModel(create_encoder('vit_tiny_patch16', img_size=16, patch_size=8, depth=2))
+    algorithm = ContrastiveTuning(
+        queue_size=8, target_momentum=0.99, head_init_from=str(tmp_path / 'head.th'), **HEAD_DIMS
+    )
+    trainer = Trainer(
+        model=model,
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        algorithms=[algorithm],
+        device='cpu',
+        progress_bar=False,
+    )
+    head = trainer.state.model.maect_head
+    torch.testing.assert_close(head.head.projector[0].weight, state['projector.0.weight'])
+    torch.testing.assert_close(head.queue.queue, state['queue'])
+    assert head.queue.queue_ids.tolist() == state['queue_id'].tolist()
+    trainer.close()

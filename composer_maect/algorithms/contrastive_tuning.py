@@ -161,6 +161,8 @@ class ContrastiveTuning(Algorithm):
         crop_scale, crop_ratio, hflip: the random resized crop and flip that make two views of a single-view batch.
         queue_seed: seed of the queue's random initial entries (identical on every rank).
         log_interval: batches between metric logs.
+        head_init_from: a checkpoint to load the head and its queue from at ``INIT``: an official MAE-CT ``.th`` file
+            or a checkpoint of this package (see ``composer_maect.checkpoints.load_head_weights``).
 
     Example:
         >>> from composer.models import ComposerClassifier
@@ -188,6 +190,7 @@ class ContrastiveTuning(Algorithm):
         hflip: bool = True,
         queue_seed: int = 0,
         log_interval: int = 1,
+        head_init_from: str | None = None,
     ) -> None:
         check_pooling(pooling)
         if topk < 1 or topk > queue_size:
@@ -218,6 +221,7 @@ class ContrastiveTuning(Algorithm):
         self.crop_ratio = tuple(crop_ratio)
         self.hflip = hflip
         self.log_interval = log_interval
+        self.head_init_from = head_init_from
         self._vit: VisionTransformer | None = None
         self._head: ContrastiveHead | None = None
         self._nn_accuracy: torch.Tensor | None = None
@@ -243,6 +247,12 @@ class ContrastiveTuning(Algorithm):
         if event == Event.INIT:
             optimizer = state.optimizers[0] if state.optimizers else None
             self._vit, self._head = attach_contrastive_head(state.model, optimizer, **self.head_kwargs)
+            if self.head_init_from is not None:
+                # Before Composer loads any checkpoint, so that a resumed run keeps its own head and queue.
+                from composer_maect.checkpoints import load_head_weights
+
+                load_head_weights(self._head, self.head_init_from)
+                log.info('Loaded the NNCLR head and queue from %s', self.head_init_from)
         elif event == Event.FIT_START:
             self._check_batch_sizes(state)
             self._check_ddp_gradients(state)
