@@ -56,7 +56,7 @@ __all__ = [
     'timm_create_model_args',
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger('composer_maect.export')  # __name__ is '__main__' under python -m
 
 MODEL_FILE = 'model.safetensors'
 SCRIPT_FILE = 'load_with_timm.py'
