@@ -174,9 +174,10 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
     _setup_logging(cfg.python_log_level)
     import_code_paths(cfg.code_paths)
     device = get_device(cfg.device)
-    if not dist.is_initialized():
+    world_size = dist.get_world_size()  # from the launcher's WORLD_SIZE, 1 without a launcher
+    # A 1-process run needs no process group, so none is left behind when train() is called in-process.
+    if world_size > 1 and not dist.is_initialized():
         dist.initialize_dist(device, cfg.dist_timeout)
-    world_size = dist.get_world_size()
     check_config(cfg, world_size)
     _prepare_data(cfg)
 
