@@ -1,0 +1,668 @@
+"""Throughput, MFU, data-loading and memory benchmarks of MAE-CT training steps against plain PyTorch references.
+
+Run ``python -m composer_maect.benchmark --help`` for the options. Rows:
+
+- ``tuning``: a contrastive tuning step in a ``composer.Trainer`` (``ViTEncoderModel`` with ``ContrastiveTuning``,
+  ``LayerwiseUnfreezing`` of the lower half and Composer's ``EMA``). The reference is a plain loop over the same timm
+  ViT with the same frozen blocks: two views, a trivial loss (mean of the pooled features) and an AdamW step.
+- ``mae``: an ``MAEModel`` step in a Trainer against a plain loop over the same model's forward, loss and backward.
+- ``data``: two-view samples/s per worker from MDS shards of JPEGs against torchvision's ``ImageFolder``.
+- ``memory``: peak memory of the tuning step, with and without activation checkpointing, one subprocess each.
+- ``gpu``: ViT-L/16 and ViT-H/14 tuning steps in bf16 on one CUDA device; skipped when CUDA is absent.
+
+The Trainer and the reference run in alternating blocks of steps, so that machine noise hits both alike, and each
+reports the median of its per-block step times. MFU is the model's FLOPs per second (``flops_per_batch``) over the
+rate of a large ``torch.matmul`` measured in the same process at the same precision and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ['main', 'measure_matmul_flops']
+
+log = logging.getLogger(__name__)
+
+ROW_NAMES = ('tuning', 'mae', 'data', 'memory', 'gpu')
+DEFAULT_ROWS = 'tuning,mae,data,memory,gpu'
+PRECISIONS = {'fp32': ('fp32', None), 'bf16': ('amp_bf16', torch.bfloat16)}
+# ViT-L/16 and ViT-H/14 at 224 pixels.
+GPU_MODELS = ('vit_large_patch16', 'vit_huge_patch14')
+GPU_TIME_BUDGET_S = 300.0
+DATA_NUM_WORKERS = (0, 1)
+DATA_IMAGE_SIZE = 256
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timing helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype, size: int = 3072, repeats: int = 5) -> float:
+    """Return the FLOP/s of the fastest of ``repeats`` ``[size, size] @ [size, size]`` ``torch.matmul`` calls.
+
+    The fastest call, not the median, estimates the rate the machine can reach, because background load only slows
+    calls down. FLOPs count 2 per multiply-add.
+    """
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times)
+
+
+def _block_sizes(steps: int, blocks: int) -> list[int]:
+    """Split ``steps`` measured steps into ``blocks`` nearly equal blocks (at least one step each)."""
+    blocks = max(1, min(blocks, steps))
+    return [steps // blocks + (1 if i < steps % blocks else 0) for i in range(blocks)]
+
+
+def _interleave(
+    run_trainer_block: Callable[[int], float], run_reference_block: Callable[[int], float], args: argparse.Namespace
+) -> tuple[float, float]:
+    """Run warmup steps, then alternating blocks, and return the median seconds per step of (Trainer, reference)."""
+    if args.warmup > 0:
+        run_trainer_block(args.warmup)
+        run_reference_block(args.warmup)
+    trainer_times, reference_times = [], []
+    for index, size in enumerate(_block_sizes(args.steps, args.blocks)):
+        # Alternate which side goes first, so neither always runs on a machine warmed by the other.
+        order = [('trainer', run_trainer_block), ('reference', run_reference_block)]
+        if index % 2:
+            order.reverse()
+        for name, run in order:
+            seconds = run(size) / size
+            (trainer_times if name == 'trainer' else reference_times).append(seconds)
+    return statistics.median(trainer_times), statistics.median(reference_times)
+
+
+class _StepTimer:
+    """A Composer callback that sums the seconds from ``BEFORE_DATALOADER`` to ``BATCH_END`` of every batch."""
+
+    def __init__(self, device: str) -> None:
+        from composer.core import Callback
+
+        device_name = device
+
+        class _Callback(Callback):
+            def __init__(self) -> None:
+                self.total = 0.0
+                self._start = 0.0
+
+            def before_dataloader(self, state, logger) -> None:
+                _synchronize(device_name)
+                self._start = time.perf_counter()
+
+            def batch_end(self, state, logger) -> None:
+                _synchronize(device_name)
+                self.total += time.perf_counter() - self._start
+
+        self.callback = _Callback()
+
+    def run(self, trainer: Any, steps: int) -> float:
+        self.callback.total = 0.0
+        trainer.fit(duration=f'{steps}ba')
+        return self.callback.total
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In-memory batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _RepeatedImages(Dataset):
+    """``length`` samples cycling over a small pool of random images, as one or two views ``[3, H, W]``."""
+
+    def __init__(self, length: int, img_size: int, views: int, pool: int = 64) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.pool = torch.randn(pool, views, 3, img_size, img_size, generator=generator)
+        self.length = length
+        self.views = views
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.pool[index % len(self.pool)]
+        if self.views == 1:
+            return {'image': sample[0]}
+        return {f'view{view}': sample[view] for view in range(self.views)}
+
+
+def _make_batch(batch_size: int, img_size: int, views: int, device: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch_size, 3, img_size, img_size)
+    if views == 1:
+        return {'image': torch.randn(shape, generator=generator).to(device)}
+    return {f'view{view}': torch.randn(shape, generator=generator).to(device) for view in range(views)}
+
+
+def _trainer_loader(args: argparse.Namespace, views: int) -> DataLoader:
+    total_steps = args.warmup + args.steps + 1
+    dataset = _RepeatedImages(args.batch * total_steps, args.img_size, views)
+    return DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _create_vit(args: argparse.Namespace, model: str | None = None) -> Any:
+    from composer_maect.models.vit import create_encoder
+
+    kwargs: dict[str, Any] = {}
+    if args.depth is not None:
+        kwargs['depth'] = args.depth
+    torch.manual_seed(0)
+    return create_encoder(model or args.model, img_size=args.img_size, patch_size=args.patch_size, **kwargs)
+
+
+def _adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    from composer_maect.optim import build_adamw
+
+    return build_adamw(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+
+
+def _build_tuning_trainer(
+    args: argparse.Namespace, model_name: str | None, callbacks: list, grad_checkpointing: bool = False
+) -> tuple[Any, Any]:
+    """Return ``(trainer, model)`` for the MAE-CT tuning step with in-memory two-view batches."""
+    from composer import Trainer
+    from composer.algorithms import EMA
+
+    from composer_maect.algorithms import ContrastiveTuning, LayerwiseUnfreezing
+    from composer_maect.models.encoder_model import ViTEncoderModel
+
+    vit = _create_vit(args, model_name)
+    vit.set_grad_checkpointing(grad_checkpointing)
+    model = ViTEncoderModel(vit)
+    algorithms = [
+        ContrastiveTuning(queue_size=args.queue_size, topk=20, target_momentum=0.99),
+        LayerwiseUnfreezing(num_frozen_blocks=len(vit.blocks) // 2),
+        # Composer 0.32.1's EMA reads self.half_life before setting it unless update_interval is given.
+        EMA(half_life=None, smoothing=0.9999, update_interval='1ba'),
+    ]
+    trainer = Trainer(
+        model=model,
+        optimizers=_adamw(model),
+        algorithms=algorithms,
+        callbacks=callbacks,
+        train_dataloader=_trainer_loader(args, views=2),
+        device='gpu' if args.device == 'cuda' else 'cpu',
+        precision=PRECISIONS[args.precision][0],
+        progress_bar=False,
+        log_to_console=False,
+        seed=17,
+    )
+    return trainer, model
+
+
+def _autocast(args: argparse.Namespace) -> Any:
+    dtype = PRECISIONS[args.precision][1]
+    return torch.autocast(args.device, dtype=dtype, enabled=dtype is not None)
+
+
+def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> Callable[[int], float]:
+    """Return a function that runs ``n`` plain steps of the reference and returns their total seconds."""
+    from composer_maect.algorithms.layerwise_unfreezing import freeze_lower_layers
+
+    vit = _create_vit(args, model_name).to(args.device)
+    freeze_lower_layers(vit, len(vit.blocks) // 2)
+    optimizer = _adamw(vit)
+    batch = _make_batch(args.batch, args.img_size, views=2, device=args.device)
+
+    def run(steps: int) -> float:
+        _synchronize(args.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            with _autocast(args):
+                tokens = vit.forward_features(torch.cat([batch['view0'], batch['view1']]))  # [2B, 1 + N, D]
+                loss = tokens[:, 0].float().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _synchronize(args.device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def _throughput_row(
+    name: str,
+    args: argparse.Namespace,
+    trainer_seconds: float,
+    reference_seconds: float,
+    flops_per_batch: int,
+    matmul_flops: float,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        'row': name,
+        **config,
+        'images_per_s': args.batch / trainer_seconds,
+        'reference_images_per_s': args.batch / reference_seconds,
+        'overhead_ratio': trainer_seconds / reference_seconds - 1.0,
+        'mfu': flops_per_batch / trainer_seconds / matmul_flops,
+        'reference_mfu': flops_per_batch / reference_seconds / matmul_flops,
+        'flops_per_batch': flops_per_batch,
+        'matmul_flops_per_s': matmul_flops,
+    }
+
+
+def run_tuning(args: argparse.Namespace, matmul_flops: float, model_name: str | None = None) -> dict[str, Any]:
+    """Measure the MAE-CT tuning step in a Trainer against the plain reference loop."""
+    timer = _StepTimer(args.device)
+    trainer, model = _build_tuning_trainer(args, model_name, [timer.callback])
+    reference = _reference_tuning_step(args, model_name)
+    trainer_seconds, reference_seconds = _interleave(lambda n: timer.run(trainer, n), reference, args)
+    flops = model.flops_per_batch(_make_batch(args.batch, args.img_size, views=2, device='cpu'))
+    trainer.close()
+    config = {'model': model_name or args.model, 'img_size': args.img_size, 'batch': args.batch}
+    config['queue_size'] = args.queue_size
+    return _throughput_row('tuning', args, trainer_seconds, reference_seconds, flops, matmul_flops, config)
+
+
+def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
+    """Measure an MAEModel step in a Trainer against a plain loop over the same model."""
+    from composer import Trainer
+
+    from composer_maect.models.mae import MAEModel
+
+    model = MAEModel(_create_vit(args))
+    timer = _StepTimer(args.device)
+    trainer = Trainer(
+        model=model,
+        optimizers=_adamw(model),
+        callbacks=[timer.callback],
+        train_dataloader=_trainer_loader(args, views=1),
+        device='gpu' if args.device == 'cuda' else 'cpu',
+        precision=PRECISIONS[args.precision][0],
+        progress_bar=False,
+        log_to_console=False,
+        seed=17,
+    )
+    # The reference drives the very model the Trainer holds, with its own optimizer state.
+    reference_optimizer = _adamw(model)
+    batch = _make_batch(args.batch, args.img_size, views=1, device=args.device)
+
+    def run_reference(steps: int) -> float:
+        _synchronize(args.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            with _autocast(args):
+                loss = model.loss(model(batch), batch)
+            loss.backward()
+            reference_optimizer.step()
+            reference_optimizer.zero_grad(set_to_none=True)
+        _synchronize(args.device)
+        return time.perf_counter() - start
+
+    trainer_seconds, reference_seconds = _interleave(lambda n: timer.run(trainer, n), run_reference, args)
+    flops = model.flops_per_batch(batch)
+    trainer.close()
+    config = {'model': args.model, 'img_size': args.img_size, 'batch': args.batch, 'mask_ratio': model.mask_ratio}
+    return _throughput_row('mae', args, trainer_seconds, reference_seconds, flops, matmul_flops, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_digit_jpegs(root: str, num_images: int, size: int = DATA_IMAGE_SIZE) -> None:
+    """Write ``num_images`` JPEGs ``size x size`` of the scikit-learn digits, upscaled, as ``root/<label>/<i>.jpg``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for index in range(num_images):
+        position = index % len(digits.images)
+        pixels = (digits.images[position] * (255 / 16)).astype(np.uint8)  # digits values are 0..16
+        label_dir = os.path.join(root, str(digits.target[position]))
+        os.makedirs(label_dir, exist_ok=True)
+        image = Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert('RGB')
+        image.save(os.path.join(label_dir, f'{index:05d}.jpg'), quality=90)
+
+
+class _TwoViewImageFolder(Dataset):
+    """torchvision's ``ImageFolder`` returning ``{'view0', 'view1', 'label'}`` like ``ImageStreamingDataset``."""
+
+    def __init__(self, root: str, transform: Callable) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(root)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.folder[index]
+        return {'view0': self.transform(image), 'view1': self.transform(image), 'label': label}
+
+
+def _samples_per_second(loader: DataLoader) -> float:
+    """Return samples/s over all batches after the first, so worker start-up is not counted."""
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    samples = 0
+    for batch in iterator:
+        samples += int(batch['view0'].shape[0])
+    elapsed = time.perf_counter() - start
+    return samples / elapsed if samples else float('nan')
+
+
+def run_data(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure two-view samples/s per worker of the MDS loader and of ImageFolder on the same JPEGs."""
+    from composer_maect.data.convert import convert
+    from composer_maect.data.dataset import build_image_dataloader
+    from composer_maect.data.transforms import build_transform
+
+    transform = build_transform('contrastive', img_size=args.data_img_size)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix='maect-benchmark-') as tmp:
+        folder = os.path.join(tmp, 'jpegs')
+        shards = os.path.join(tmp, 'mds')
+        write_digit_jpegs(folder, args.data_images)
+        convert(folder, shards, progress=False)
+        for num_workers in DATA_NUM_WORKERS:
+            mds_loader = build_image_dataloader(
+                local=shards,
+                split='train',
+                batch_size=args.data_batch,
+                views=2,
+                transform=transform,
+                shuffle=False,
+                num_workers=num_workers,
+            )
+            folder_loader = DataLoader(
+                _TwoViewImageFolder(folder, transform),
+                batch_size=args.data_batch,
+                num_workers=num_workers,
+                drop_last=True,
+            )
+            mds_rate = _samples_per_second(mds_loader)
+            folder_rate = _samples_per_second(folder_loader)
+            del mds_loader
+            workers = max(1, num_workers)  # With 0 workers the main process does the loading.
+            rows.append(
+                {
+                    'row': 'data',
+                    'num_workers': num_workers,
+                    'images': args.data_images,
+                    'img_size': args.data_img_size,
+                    'batch': args.data_batch,
+                    'samples_per_s_per_worker': mds_rate / workers,
+                    'reference_samples_per_s_per_worker': folder_rate / workers,
+                    'overhead_ratio': folder_rate / mds_rate - 1.0,
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _peak_memory_bytes(device: str) -> int:
+    if device == 'cuda':
+        return torch.cuda.max_memory_allocated()
+    # VmHWM is the peak resident set size of this address space, in KiB. ru_maxrss would not do, because Linux
+    # copies the parent's peak into a child at fork, so a child of a large benchmark process inherits its peak.
+    with open('/proc/self/status') as file:
+        for line in file:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError('VmHWM not found in /proc/self/status, so the peak memory cannot be measured on this system.')
+
+
+def _current_memory_bytes(device: str) -> int:
+    """Return the memory in use now: allocated CUDA memory, or the resident set size from ``/proc/self/statm``."""
+    if device == 'cuda':
+        return torch.cuda.memory_allocated()
+    with open('/proc/self/statm') as file:
+        resident_pages = int(file.read().split()[1])
+    return resident_pages * os.sysconf('SC_PAGE_SIZE')
+
+
+def probe_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Run 2 tuning steps in this process and return the peak memory above the memory in use before, in bytes.
+
+    On CPU the peak resident set size cannot be reset, so this must run in a fresh process per configuration. The
+    baseline is taken after the imports, so the peak includes the model, optimizer state, queue and activations.
+    """
+    import composer  # noqa: F401  # Imported before the baseline, which then leaves out the library code.
+
+    import composer_maect.algorithms  # noqa: F401
+
+    if args.device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    before = _current_memory_bytes(args.device)
+    trainer, _ = _build_tuning_trainer(args, None, [], grad_checkpointing=args.grad_checkpointing)
+    trainer.fit(duration='2ba')
+    trainer.close()
+    return {'peak_bytes': _peak_memory_bytes(args.device) - before}
+
+
+def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure the tuning step's peak memory per model and batch, with and without activation checkpointing."""
+    rows = []
+    measure = 'cuda max_memory_allocated' if args.device == 'cuda' else 'VmHWM above the RSS after imports'
+    models = args.memory_models.split(',') if args.memory_models else [args.model]
+    batches = [int(b) for b in args.memory_batches.split(',')] if args.memory_batches else [args.batch]
+    for model in models:
+        for batch in batches:
+            for checkpointing in (False, True):
+                child = [sys.executable, '-m', 'composer_maect.benchmark', '--memory-probe']
+                child += ['--model', model, '--batch', str(batch), '--img-size', str(args.img_size)]
+                child += ['--queue-size', str(args.queue_size), '--threads', str(args.threads)]
+                child += ['--precision', args.precision, '--device', args.device]
+                if args.patch_size is not None:
+                    child += ['--patch-size', str(args.patch_size)]
+                if args.depth is not None:
+                    child += ['--depth', str(args.depth)]
+                if checkpointing:
+                    child.append('--grad-checkpointing')
+                result = subprocess.run(child, capture_output=True, text=True, check=False)
+                if result.returncode != 0:
+                    raise RuntimeError(
+                        f'Memory probe failed with exit status {result.returncode}: {shlex.join(child)}\n'
+                        f'{result.stderr[-2000:]}'
+                    )
+                peak = json.loads(result.stdout.strip().splitlines()[-1])['peak_bytes']
+                rows.append(
+                    {
+                        'row': 'memory',
+                        'model': model,
+                        'img_size': args.img_size,
+                        'batch': batch,
+                        'grad_checkpointing': checkpointing,
+                        'peak_mib': peak / 2**20,
+                        'measure': measure,
+                    }
+                )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU section
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure ViT-L/16 and ViT-H/14 tuning steps in bf16 on one GPU, stopping once 5 minutes are used.
+
+    NOTE: this path has not been run on a GPU yet. The time budget is checked only between models, so one slow model
+    can exceed it.
+    """
+    if not torch.cuda.is_available():
+        log.warning('Skipping the gpu rows: CUDA is not available on this machine.')
+        print('gpu: skipped, CUDA is not available on this machine.')
+        return []
+    gpu_args = argparse.Namespace(**vars(args))
+    gpu_args.device, gpu_args.precision = 'cuda', 'bf16'
+    gpu_args.img_size, gpu_args.patch_size, gpu_args.depth = 224, None, None
+    gpu_args.batch = args.gpu_batch
+    matmul = measure_matmul_flops('cuda', torch.bfloat16, size=8192)
+    rows = []
+    start = time.perf_counter()
+    for model in GPU_MODELS:
+        if time.perf_counter() - start > GPU_TIME_BUDGET_S:
+            log.warning('Skipping %s: the gpu rows used their %d s budget.', model, GPU_TIME_BUDGET_S)
+            continue
+        row = run_tuning(gpu_args, matmul, model_name=model)
+        row.update({'row': 'gpu', 'device': 'cuda', 'precision': 'bf16'})
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='python -m composer_maect.benchmark',
+        description='Benchmark MAE-CT training steps in a Composer Trainer against plain PyTorch loops.',
+    )
+    parser.add_argument('--model', default='vit_tiny_patch16', help='encoder alias or timm ViT name')
+    parser.add_argument('--img-size', type=int, default=32, help='image side in pixels for model rows (default: 32)')
+    parser.add_argument('--patch-size', type=int, default=None, help='patch side in pixels (default: the model)')
+    parser.add_argument('--depth', type=int, default=None, help='number of ViT blocks (default: the model)')
+    parser.add_argument('--batch', type=int, default=32, help='images per step (default: 32)')
+    parser.add_argument('--queue-size', type=int, default=4096, help='NNCLR queue entries (default: 4096)')
+    parser.add_argument('--steps', type=int, default=2, help='measured steps per side (default: 2)')
+    parser.add_argument('--blocks', type=int, default=2, help='alternating blocks the steps are split into')
+    parser.add_argument('--warmup', type=int, default=1, help='unmeasured steps per side before timing')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='torch intra-op threads')
+    parser.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--rows', default=DEFAULT_ROWS, help=f'comma-separated rows among {",".join(ROW_NAMES)}')
+    parser.add_argument('--json', default=None, metavar='OUT', help='write the rows to this JSON file')
+    parser.add_argument('--data-images', type=int, default=128, help='JPEGs written for the data row')
+    parser.add_argument('--data-img-size', type=int, default=224, help='crop side of the data row in pixels')
+    parser.add_argument('--data-batch', type=int, default=16, help='samples per batch of the data row')
+    parser.add_argument('--memory-models', default=None, help='comma-separated models of the memory row')
+    parser.add_argument('--memory-batches', default=None, help='comma-separated batch sizes of the memory row')
+    parser.add_argument('--gpu-batch', type=int, default=64, help='images per step of the gpu rows')
+    parser.add_argument('--memory-probe', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--grad-checkpointing', action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    rows = [row for row in args.rows.split(',') if row]
+    unknown = sorted(set(rows) - set(ROW_NAMES))
+    if unknown:
+        parser.error(f'unknown rows {unknown}; choose among {list(ROW_NAMES)}.')
+    args.rows = rows
+    for name in ('batch', 'steps', 'threads', 'queue_size', 'img_size', 'blocks'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
+    if args.warmup < 0:
+        parser.error(f'--warmup must be 0 or more, got {args.warmup}.')
+    if args.queue_size % args.batch:
+        parser.error(f'--queue-size {args.queue_size} must be a multiple of --batch {args.batch}.')
+    if 'gpu' in args.rows and args.queue_size % args.gpu_batch:
+        parser.error(f'--queue-size {args.queue_size} must be a multiple of --gpu-batch {args.gpu_batch}.')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda was requested but CUDA is not available. Use --device cpu.')
+    return args
+
+
+def _format_table(rows: list[dict[str, Any]]) -> str:
+    columns = ['row', 'config', 'maect', 'reference', 'overhead', 'mfu', 'device', 'precision', 'threads', 'command']
+    lines = []
+    for row in rows:
+        if row['row'] == 'data':
+            config = f'workers={row["num_workers"]} batch={row["batch"]} img={row["img_size"]}'
+            maect = f'{row["samples_per_s_per_worker"]:.1f} samples/s/worker (MDS)'
+            reference = f'{row["reference_samples_per_s_per_worker"]:.1f} (ImageFolder)'
+            overhead, mfu = f'{row["overhead_ratio"]:+.3f}', '-'
+        elif row['row'] == 'memory':
+            config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]} ckpt={row["grad_checkpointing"]}'
+            maect, reference, overhead, mfu = f'{row["peak_mib"]:.0f} MiB peak', '-', '-', '-'
+        else:
+            config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]}'
+            maect = f'{row["images_per_s"]:.2f} img/s'
+            reference = f'{row["reference_images_per_s"]:.2f} img/s'
+            overhead = f'{row["overhead_ratio"]:+.3f}'
+            mfu = f'{row["mfu"]:.3f} (ref {row["reference_mfu"]:.3f})'
+        cells = [row['row'], config, maect, reference, overhead, mfu]
+        lines.append([*cells, row['device'], row['precision'], str(row['threads']), row['command']])
+    widths = [max(len(columns[i]), *(len(line[i]) for line in lines)) for i in range(len(columns))]
+    header = ' | '.join(name.ljust(width) for name, width in zip(columns, widths, strict=True))
+    body = [' | '.join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
+    return '\n'.join([header, '-' * len(header), *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark CLI: print one table and optionally write the rows as JSON. Returns the exit status."""
+    args = _parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger('composer').setLevel(logging.WARNING)
+
+    if args.memory_probe:
+        print(json.dumps(probe_memory(args)))
+        return 0
+
+    command = shlex.join(['python', '-m', 'composer_maect.benchmark', *(sys.argv[1:] if argv is None else argv)])
+    needs_matmul = any(row in args.rows for row in ('tuning', 'mae'))
+    matmul = measure_matmul_flops(args.device, PRECISIONS[args.precision][1] or torch.float32) if needs_matmul else 0
+    rows: list[dict[str, Any]] = []
+    if 'tuning' in args.rows:
+        rows.append(run_tuning(args, matmul))
+    if 'mae' in args.rows:
+        rows.append(run_mae(args, matmul))
+    if 'data' in args.rows:
+        rows.extend(run_data(args))
+    if 'memory' in args.rows:
+        rows.extend(run_memory(args))
+    for row in rows:
+        row.update({'command': command, 'device': args.device, 'precision': args.precision, 'threads': args.threads})
+    if 'gpu' in args.rows:
+        for row in run_gpu(args):
+            row.update({'command': command, 'threads': args.threads})
+            rows.append(row)
+
+    print(_format_table(rows))
+    if args.json:
+        with open(args.json, 'w') as file:
+            json.dump({'command': command, 'matmul_flops_per_s': matmul, 'rows': rows}, file, indent=2)
+    return 0
+
+
+if __name__ == '__main__':
+    # Import by module name so that the logger is composer_maect.benchmark and not __main__.
+    from composer_maect.benchmark import main as benchmark_main
+
+    sys.exit(benchmark_main())

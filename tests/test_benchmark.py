@@ -1,0 +1,121 @@
+"""Smoke test of the benchmark CLI on a tiny ViT: every requested row runs and the JSON has the documented fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from composer_maect import benchmark
+
+ROW_CONTEXT_KEYS = ('command', 'device', 'precision', 'threads')
+THROUGHPUT_KEYS = (
+    'model',
+    'img_size',
+    'batch',
+    'images_per_s',
+    'reference_images_per_s',
+    'overhead_ratio',
+    'mfu',
+    'reference_mfu',
+    'flops_per_batch',
+    'matmul_flops_per_s',
+)
+DATA_KEYS = (
+    'num_workers',
+    'images',
+    'img_size',
+    'batch',
+    'samples_per_s_per_worker',
+    'reference_samples_per_s_per_worker',
+    'overhead_ratio',
+)
+
+TINY_ARGS = [
+    '--model', 'vit_tiny_patch16',
+    '--depth', '2',
+    '--img-size', '32',
+    '--batch', '4',
+    '--queue-size', '64',
+    '--steps', '2',
+    '--blocks', '2',
+    '--warmup', '0',
+    '--threads', '1',
+    '--data-images', '16',
+    '--data-batch', '4',
+    '--data-img-size', '32',
+]  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp('benchmark') / 'rows.json'
+    status = benchmark.main([*TINY_ARGS, '--rows', 'tuning,mae,data', '--json', str(out)])
+    assert status == 0
+    with open(out) as file:
+        return json.load(file)
+
+
+def test_report_top_level_fields(report):
+    assert report['command'].startswith('python -m composer_maect.benchmark')
+    assert report['matmul_flops_per_s'] > 0
+    assert isinstance(report['rows'], list)
+
+
+def test_report_has_requested_rows(report):
+    names = [row['row'] for row in report['rows']]
+    assert names.count('tuning') == 1
+    assert names.count('mae') == 1
+    assert names.count('data') == len(benchmark.DATA_NUM_WORKERS)
+
+
+@pytest.mark.parametrize('key', ROW_CONTEXT_KEYS)
+def test_every_row_names_context(report, key):
+    for row in report['rows']:
+        assert key in row, f'{row["row"]} row lacks {key!r}'
+    assert all(row['command'] == report['command'] for row in report['rows'])
+    assert all(row['device'] == 'cpu' for row in report['rows'])
+    assert all(row['precision'] == 'fp32' for row in report['rows'])
+    assert all(row['threads'] == 1 for row in report['rows'])
+
+
+@pytest.mark.parametrize('name', ['tuning', 'mae'])
+def test_throughput_row_fields(report, name):
+    row = next(row for row in report['rows'] if row['row'] == name)
+    missing = [key for key in THROUGHPUT_KEYS if key not in row]
+    assert not missing
+    assert row['images_per_s'] > 0
+    assert row['reference_images_per_s'] > 0
+    assert row['flops_per_batch'] > 0
+    assert 0 < row['mfu'] < 1
+    expected_ratio = row['reference_images_per_s'] / row['images_per_s'] - 1
+    assert row['overhead_ratio'] == pytest.approx(expected_ratio)
+
+
+def test_data_row_fields(report):
+    rows = [row for row in report['rows'] if row['row'] == 'data']
+    assert [row['num_workers'] for row in rows] == list(benchmark.DATA_NUM_WORKERS)
+    for row in rows:
+        missing = [key for key in DATA_KEYS if key not in row]
+        assert not missing
+        assert row['samples_per_s_per_worker'] > 0
+        assert row['reference_samples_per_s_per_worker'] > 0
+
+
+def test_gpu_rows_skip_without_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: False)
+    args = benchmark._parse_args([*TINY_ARGS, '--rows', 'gpu'])
+    assert benchmark.run_gpu(args) == []
+    assert 'CUDA is not available' in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_row(capsys):
+    with pytest.raises(SystemExit):
+        benchmark._parse_args(['--rows', 'tuning,speed'])
+    assert "unknown rows ['speed']" in capsys.readouterr().err
+
+
+def test_cli_rejects_queue_not_multiple_of_batch(capsys):
+    with pytest.raises(SystemExit):
+        benchmark._parse_args(['--batch', '3', '--queue-size', '64'])
+    assert 'multiple of --batch' in capsys.readouterr().err
