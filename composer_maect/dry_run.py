@@ -428,7 +428,7 @@ def _describe_flops(cfg: TrainConfig, model: nn.Module) -> list[str]:
 
 
 def _describe_split(label: str, remote: str | None, local: str, problems: list[str] | None, phase: str) -> list[str]:
-    """Return the remote and local folder of one MDS split and what the local ``index.json`` says about it."""
+    """Return the remote and local folder of one MDS split and the sample count in its local ``index.json``."""
     samples = _sample_count(Path(local))
     if samples is not None:
         found = f'{samples:,} samples in the local index.json'

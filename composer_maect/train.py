@@ -1,7 +1,7 @@
 """Train from a YAML: ``python -m composer_maect.train YAML [key=value ...]``.
 
 Also runs under Composer's launcher, one process per device: ``composer -n 8 -m composer_maect.train YAML ...``.
-The YAML is validated before anything is built (see ``composer_maect.config``); then the data, model, optimizer,
+The YAML is validated before anything is built (see ``composer_maect.config``). Then the data, model, optimizer,
 schedule, algorithms, callbacks and loggers are built and handed to one ``composer.Trainer``.
 """
 
@@ -94,7 +94,7 @@ def check_config(cfg: TrainConfig, world_size: int, *, require_data: bool = True
 
 
 def _prepare_data(cfg: TrainConfig) -> None:
-    """Run the converter once per node when the YAML asks for shards that do not exist yet."""
+    """Run the converter once per node when the YAML's prepare_data section names shards that do not exist yet."""
     loader, prepare = cfg.train_loader, cfg.prepare_data
     if prepare is None or loader.remote is not None or _shards_present(loader.local, loader.split):
         return

@@ -295,7 +295,7 @@ def test_dry_run_reports_local_checkpoint_and_shards(tmp_path, capsys):
     status = main([str(YAMLS / 'mae_ct_vitb16.yaml'), *overrides, '--dry-run'])
     report = capsys.readouterr().out
     assert status == 0
-    # The file exists but holds no checkpoint: the dry run reports it as a problem instead of failing.
+    # The file exists but contains no checkpoint: the dry run reports it as a problem instead of failing.
     assert f'model.init_from {checkpoint}: does NOT match the encoder' in report
     assert '1,281 samples in the local index.json' in report
     # 1,281 samples at a global batch of 1,024 make one step per epoch.

@@ -1,7 +1,7 @@
 """Linear probes on frozen features: one probe per learning rate, all trained together as one batched model.
 
 Each probe is ``BatchNorm1d(D, affine=False)`` followed by ``Linear(D, C)``, as in the MAE and MAE-CT linear probes.
-The batch norm has no parameters and sees the same input for every probe, so the probes share one. The ``P``
+The batch norm has no parameters and receives the same input for every probe, so the probes share one. The ``P``
 linear layers are one weight ``[P, D, C]`` applied with ``einsum``, and the loss is the sum of the ``P`` mean
 cross-entropies, so every probe gets exactly the gradient it would get alone. SGD with momentum (no dampening, no
 Nesterov, weight decay 0) then updates probe ``p`` with its own learning rate ``lrs[p]`` times the shared schedule:
@@ -158,7 +158,7 @@ def train_linear_probes(
     Labels may be any integers: the sorted distinct train labels become the ``C`` classes. Test samples whose label
     no train sample has count as wrong. Every epoch visits the fit samples in a new seeded order in batches of
     ``batch_size``. When there are more fit samples than ``batch_size``, the last partial batch is dropped, so the
-    batch norm never sees a tiny batch.
+    batch norm never normalises a tiny batch.
 
     Args:
         train_features: ``[N, D]`` float features of the train split.

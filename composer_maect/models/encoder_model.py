@@ -1,7 +1,7 @@
 """``ViTEncoderModel``: a timm ViT as a ComposerModel with no objective of its own, for the MAE-CT phases.
 
 Head initialisation and contrastive tuning train only the NNCLR objective that ``ContrastiveTuning`` adds, so the
-model's own forward does nothing and its loss is zero; the algorithm encodes the views itself and replaces the loss.
+model's own forward does nothing and its loss is zero. The algorithm encodes the views itself and replaces the loss.
 """
 
 from __future__ import annotations
