@@ -24,6 +24,8 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from composer_maect.data.shards import check_local_shards
+
 __all__ = ['CorruptSampleError', 'ImageStreamingDataset', 'build_image_dataloader', 'decode_image']
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,7 @@ def build_image_dataloader(
 
     Raises:
         FileNotFoundError: ``remote`` is None and ``local`` has no ``index.json`` for the split.
+        ShardError: ``remote`` is None and a shard file that ``index.json`` lists is missing or has another size.
         ValueError: ``streaming_kwargs`` repeats an argument of this function, or an invalid ``batch_size``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -216,6 +219,7 @@ def build_image_dataloader(
                 f'No shards in {os.path.dirname(index_path)!r}: index.json not found.{hint} Shards are written by '
                 f'`{CONVERT_COMMAND}`.'
             )
+        check_local_shards(os.path.dirname(index_path))
 
     dataset = ImageStreamingDataset(
         views=views,
