@@ -73,7 +73,7 @@ def check_trainer_checkpoint(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a Trainer checkpoint, a tensor has another shape, or (with ``strict``) a tensor
-            is missing or unexpected; the message lists up to 8 of each, with both shapes.
+            is missing or unexpected. The message lists up to 8 of each, with both shapes.
     """
     path = Path(path)
     saved = _read_model_state(path)

@@ -1,4 +1,4 @@
-"""The converter on every colour mode and bit depth it meets in image folders, and on files it must leave out.
+"""The converter on the colour modes and bit depths of common image files, and on files it must leave out.
 
 Each good image has its own class folder, so its label identifies it after conversion. The good images are read back
 through ImageStreamingDataset and compared with the pixels they were made from.

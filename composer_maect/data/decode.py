@@ -50,7 +50,7 @@ def decode_image(data: bytes) -> Image.Image:
                     'only 0..65535 (16-bit) is read. Convert the image to 8-bit or 16-bit before converting the data '
                     'set'
                 )
-            # NOTE: mode 'I' with values in 0..65535 is read as 16-bit, so a 32-bit file that holds 8-bit values
+            # NOTE: mode 'I' with values in 0..65535 is read as 16-bit, so a 32-bit file that contains 8-bit values
             # comes out nearly black.
             return Image.fromarray((pixels >> 8).astype(np.uint8)).convert('RGB')
         return image.convert('RGB')

@@ -1,8 +1,8 @@
 """Check local MDS shards against their ``index.json`` before any sample is read.
 
-Without a remote, Streaming 0.13.0 does not notice a missing or truncated shard file until it reads it: a missing
-file is logged from a background thread and its samples are silently left out of the epoch, and a truncated file
-fails with a low-level decoding error. ``check_local_shards`` compares every shard file that ``index.json`` lists
+Without a remote, Streaming 0.13.0 does not notice a missing or truncated shard file until it reads it. It logs a
+missing file from a background thread and silently leaves its samples out of the epoch. A truncated file fails with
+a low-level decoding error. ``check_local_shards`` compares every shard file that ``index.json`` lists
 with the file on disk, which costs one ``stat`` per shard.
 """
 

@@ -91,7 +91,7 @@ def check_patch_grid(
 
     Raises:
         ValueError: On an unknown encoder name, an invalid size, or an image size that is not a multiple of the
-            patch size; the message names both sizes and the nearest valid image size.
+            patch size. The message names both sizes and the nearest valid image size.
     """
     timm_name, model_kwargs = resolve_encoder_name(name)
     # The same precedence as in create_encoder: timm_kwargs over patch_size over the alias.
