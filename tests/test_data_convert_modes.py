@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,18 @@ GRADIENT_8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
 def _pgm_16(pixels: np.ndarray) -> bytes:
     height, width = pixels.shape
     return f'P5\n{width} {height}\n65535\n'.encode() + pixels.astype('>u2').tobytes()
+
+
+def _png_rgb_16(pixels: np.ndarray) -> bytes:
+    """Encode [H, W, 3] uint16 pixels as a 48-bit RGB PNG, which PIL cannot write."""
+    height, width, _ = pixels.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    rows = b''.join(b'\0' + pixels[row].astype('>u2').tobytes() for row in range(height))
+    header = struct.pack('>IIBBBBB', width, height, 16, 2, 0, 0, 0)  # 16 bits per channel, colour type RGB
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b'')
 
 
 def _palette_image(transparent: bool) -> Image.Image:
@@ -49,11 +63,15 @@ def mixed_folder(tmp_path) -> dict:
         'palette': ('a.png', _palette_image(transparent=False)),
         'palette_transparent': ('a.png', _palette_image(transparent=True)),
         'rgb': ('a.jpg', Image.new('RGB', (8, 8), (250, 128, 5))),
+        'rgb16_png': ('a.png', None),
     }
     for name, (filename, image) in good.items():
         (root / name).mkdir(parents=True)
-        if image is None:
+        if name == 'grey16_pgm':
             (root / name / filename).write_bytes(_pgm_16(GRADIENT_16))
+        elif name == 'rgb16_png':
+            pixels = np.stack([GRADIENT_16, 65535 - GRADIENT_16, np.full_like(GRADIENT_16, 0x8000)], axis=-1)
+            (root / name / filename).write_bytes(_png_rgb_16(pixels))
         else:
             image.save(root / name / filename)
 
@@ -118,6 +136,8 @@ def test_modes_and_depths_become_rgb(mixed_folder, tmp_path):
     palette = torch.tensor([[[200, 10, 20], [30, 220, 40]], [[30, 220, 40], [50, 60, 230]]], dtype=torch.uint8)
     for name in ('palette', 'palette_transparent'):
         assert torch.equal(images[name], palette.permute(2, 0, 1)), name
+    rgb16 = torch.stack([grey[0], 255 - grey[0], torch.full((16, 16), 128, dtype=torch.uint8)])
+    assert torch.equal(images['rgb16_png'], rgb16)
     red, green, blue = images['cmyk'].float().mean(dim=(1, 2))
     assert red > 200
     assert green < 50

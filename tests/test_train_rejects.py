@@ -18,7 +18,7 @@ from composer_maect.data.convert import convert
 from composer_maect.models.vit import create_encoder
 from composer_maect.train import main
 
-from .conftest import YAMLS
+from .conftest import YAMLS, composer_launcher, run_command
 
 MNIST_YAML = str(YAMLS / 'mae_pretrain_mnist.yaml')
 CHECKPOINTS = Path('runs') / 'mae-pretrain-mnist' / 'checkpoints'
@@ -256,6 +256,38 @@ def test_nonfinite_loss_stop_switched_off(mnist_shards, tmp_path, monkeypatch, c
     assert 'Training loss is not finite' not in capsys.readouterr().err
     state = torch.load(CHECKPOINTS / 'ep0-ba3-rank0.pt', map_location='cpu', weights_only=False)['state']
     assert not all(torch.isfinite(tensor).all() for tensor in state['model'].values())
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_rank_stops_all(mnist_shards, tmp_path):
+    """A NaN on rank 1 only reaches rank 0 through the averaged loss, so both ranks stop at the same batch."""
+    plugin = tmp_path / 'poison.py'
+    plugin.write_text(POISON_PLUGIN.replace('int(state.timestamp.batch) + 1 != self.batch', ONLY_RANK_1))
+    snapshot = tmp_path / 'snapshot.json'
+    command = [
+        *composer_launcher(),
+        '-n',
+        '2',
+        '-m',
+        'composer_maect.train',
+        *_args(
+            mnist_shards,
+            'max_duration=4ba',
+            'save_interval=1ba',
+            f'code_paths=[{plugin}]',
+            f'algorithms.poison={{batch: 2, kind: nan_input, folder: {CHECKPOINTS}, snapshot: {snapshot}}}',
+        ),
+    ]
+    result = run_command(command, cwd=tmp_path)
+
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert 'on 2 ranks' in output
+    assert 'Training loss is not finite at batch 2 (epoch 0): loss/train/total=nan.' in output
+    assert sorted(path.name for path in (tmp_path / CHECKPOINTS).glob('ep*')) == ['ep0-ba1-rank0.pt']
+
+
+ONLY_RANK_1 = '__import__("composer").utils.dist.get_global_rank() != 1 or int(state.timestamp.batch) + 1 != self.batch'
 
 
 # ---------------------------------------------------------------------------------------------------------------------
