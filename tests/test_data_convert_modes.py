@@ -115,6 +115,7 @@ def test_bad_files_listed_and_counted(mixed_folder, tmp_path, caplog):
     assert report.counts['train'] == {name: 1 for name in mixed_folder['classes'][:-1]} | {'zz_empty': 0}
 
     metadata = json.loads((out / METADATA_FILENAME).read_text())
+    assert metadata['num_skipped'] == len(errors)
     assert {item['path']: item['error'] for item in metadata['skipped']} == errors
     warnings = '\n'.join(record.getMessage() for record in caplog.records)
     assert f'Skipped {len(errors)} unreadable or non-image files' in warnings

@@ -49,7 +49,7 @@ class StopOnNonFiniteLoss(Callback):
             return
 
         if self.last_finite is None:
-            previous = 'No earlier batch of this run had a finite loss.'
+            previous = 'No earlier batch in this process had a finite loss.'
         else:
             previous = f'The last finite loss was {_format_losses(self.last_finite[1])} at batch {self.last_finite[0]}.'
         message = (

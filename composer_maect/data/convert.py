@@ -11,7 +11,7 @@ and ``root/val``, each with class folders). OUT is a local folder or any remote 
 
     OUT/train/{index.json, shard.00000.mds, ...}
     OUT/val/...            only when the source has a val split or F > 0
-    OUT/metadata.json      classes, counts per split and class, skipped files
+    OUT/metadata.json      classes, counts per split and class, the number and list of skipped files
 
 Each sample has the columns ``image`` (the encoded file bytes, stored unchanged, or a lossless PNG for the array
 sources), ``label`` (the class index, classes sorted by folder name) and ``index`` (the position in its split).
@@ -110,6 +110,7 @@ class ConversionReport:
             'classes': list(self.classes),
             'num_samples': self.num_samples,
             'counts': {split: dict(counts) for split, counts in self.counts.items()},
+            'num_skipped': len(self.skipped),
             'skipped': [skipped.to_dict() for skipped in self.skipped],
         }
 
