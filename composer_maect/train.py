@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from composer import ComposerModel, Trainer
-from composer.utils import dist, get_device, reproducibility
+from composer.utils import dist, format_name_with_dist, get_device, reproducibility
 
 from composer_maect import registry
 from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
@@ -165,9 +165,8 @@ def _check_checkpoint_to_load(
 
     key, path = None, None
     if cfg.autoresume and save_folder and '://' not in save_folder:
-        latest = Path(save_folder.format(run_name=run_name)) / cfg.save_latest_filename.format(
-            rank=dist.get_global_rank()
-        )
+        # As in Composer's autoresume, every rank looks for rank 0's latest link.
+        latest = Path(format_name_with_dist(save_folder, run_name)) / cfg.save_latest_filename.format(rank=0)
         if latest.exists():
             key, path = 'autoresume', latest
     if path is None and load_path and '://' not in load_path and Path(load_path).exists():
