@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 from composer.core import Callback, State
 from composer.loggers import Logger
 
 __all__ = ['NonFiniteLossError', 'StopOnNonFiniteLoss']
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -24,14 +21,14 @@ def _format_losses(losses: dict[str, float]) -> str:
 class StopOnNonFiniteLoss(Callback):
     """Raise ``NonFiniteLossError`` at the end of the first batch whose loss is NaN or infinite.
 
-    The check reads ``state.total_loss_dict``: the batch losses that Composer has already averaged over all ranks and
-    copied to the CPU before ``Event.BATCH_END``. So it adds no device synchronisation and no collective, and every
-    rank raises at the same batch. The optimizer has stepped on the bad batch when the check runs, but Composer's
-    ``CheckpointSaver`` writes at ``Event.BATCH_CHECKPOINT`` and ``Event.EPOCH_CHECKPOINT``, which come after
-    ``Event.BATCH_END``. The bad batch is therefore never saved, and earlier checkpoints and the ``latest`` link stay
-    as they are. The trainer of ``composer_maect.train`` puts this callback first, so no other callback acts on
-    the bad batch at ``Event.BATCH_END`` either. Composer's ``NaNMonitor`` raises at ``Event.AFTER_LOSS`` instead,
-    which needs a device synchronisation per microbatch, and it ignores infinite losses.
+    The check reads ``state.total_loss_dict``: the batch losses that Composer (0.32.1) has already averaged over all
+    ranks and copied to the CPU before ``Event.BATCH_END``. So it adds no device synchronisation and no collective,
+    and every rank raises at the same batch. The optimizer has stepped on the bad batch when the check runs, but
+    Composer's ``CheckpointSaver`` writes at ``Event.BATCH_CHECKPOINT`` and ``Event.EPOCH_CHECKPOINT``, which come
+    after ``Event.BATCH_END``. The bad batch is therefore never saved, and earlier checkpoints and the ``latest``
+    link stay as they are. The trainer of ``composer_maect.train`` puts this callback first, so no other callback
+    acts on the bad batch at ``Event.BATCH_END`` either. Composer's ``NaNMonitor`` raises at ``Event.AFTER_LOSS``
+    instead, which needs a device synchronisation per microbatch, and it ignores infinite losses.
     """
 
     def __init__(self) -> None:
@@ -59,5 +56,4 @@ class StopOnNonFiniteLoss(Callback):
             f'algorithms.gradient_clipping, or train in fp32 or amp_bf16 instead of amp_fp16, then resume from that '
             f'checkpoint. Set stop_on_nonfinite_loss: false to train on despite such losses.'
         )
-        log.error(message)
         raise NonFiniteLossError(message)
