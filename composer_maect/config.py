@@ -212,6 +212,8 @@ class TrainConfig:
     algorithms: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     callbacks: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     loggers: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    # Stop at the first batch with a NaN or infinite loss, before it is checkpointed (StopOnNonFiniteLoss).
+    stop_on_nonfinite_loss: bool = True
     # Python files imported before anything is built, so that they can register algorithms, callbacks and loggers.
     code_paths: list[str] = field(default_factory=list)
     save_folder: str | None = None

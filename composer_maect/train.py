@@ -17,11 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from composer import ComposerModel, Trainer
-from composer.utils import dist, get_device, reproducibility
+from composer.utils import dist, format_name_with_dist, get_device, reproducibility
 
 from composer_maect import registry
 from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
+from composer_maect.callbacks.nonfinite_loss import NonFiniteLossError, StopOnNonFiniteLoss
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
+from composer_maect.data.dataset import CorruptSampleError
+from composer_maect.data.shards import ShardError, check_local_shards
+from composer_maect.models.vit import check_patch_grid
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
 __all__ = [
@@ -81,6 +85,11 @@ def check_config(cfg: TrainConfig, world_size: int, *, require_data: bool = True
             f"'train_loader.transform.img_size' ({loader.transform.img_size}) differs from 'model.encoder.img_size' "
             f'({cfg.model.encoder.img_size}); set both to the resolution the encoder is trained at.'
         )
+    encoder = cfg.model.encoder
+    try:
+        check_patch_grid(encoder.name, encoder.img_size, encoder.patch_size, encoder.timm_kwargs)
+    except ValueError as error:
+        raise ConfigError(f"'model.encoder': {error}") from None
     if cfg.autoresume and not (cfg.run_name and cfg.save_folder):
         raise ConfigError("'autoresume: true' needs 'run_name' and 'save_folder' so the run can find its checkpoints.")
     has_data = loader.remote is not None or _shards_present(loader.local, loader.split)
@@ -91,6 +100,8 @@ def check_config(cfg: TrainConfig, world_size: int, *, require_data: bool = True
             'Convert a data set first, for example `python -m composer_maect.data.convert mnist5k ./data/mnist5k '
             "--val-fraction 0.2`, or add a 'prepare_data' section."
         )
+    if loader.remote is None and _shards_present(loader.local, loader.split):
+        check_local_shards(str(Path(loader.local) / (loader.split or '')))
 
 
 def _prepare_data(cfg: TrainConfig) -> None:
@@ -126,7 +137,10 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel
         **cfg.encoder.timm_kwargs,
     )
     if load_weights and cfg.init_from is not None:
-        load_encoder_weights(encoder, cfg.init_from.path, weights=cfg.init_from.weights)
+        try:
+            load_encoder_weights(encoder, cfg.init_from.path, weights=cfg.init_from.weights)
+        except ValueError as error:
+            raise ConfigError(f"'model.init_from': {error}") from None
     if cfg.name == 'vit_encoder':
         return ViTEncoderModel(encoder)
     return MAEModel(
@@ -137,6 +151,32 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel
         decoder_num_heads=cfg.decoder.num_heads,
         norm_pix_loss=cfg.norm_pix_loss,
     )
+
+
+def _check_checkpoint_to_load(
+    cfg: TrainConfig, model: ComposerModel, run_name: str | None, save_folder: str | None, load_path: str | None
+) -> None:
+    """Reject a local checkpoint of another architecture before the Trainer loads it.
+
+    As in Composer, the checkpoint that ``autoresume`` finds in ``save_folder`` takes precedence over ``load_path``.
+    Remote paths and paths that do not exist are left to Composer.
+    """
+    from composer_maect.checkpoint_match import check_trainer_checkpoint
+
+    key, path = None, None
+    if cfg.autoresume and save_folder and '://' not in save_folder:
+        # As in Composer's autoresume, every rank looks for rank 0's latest link.
+        latest = Path(format_name_with_dist(save_folder, run_name)) / cfg.save_latest_filename.format(rank=0)
+        if latest.exists():
+            key, path = 'autoresume', latest
+    if path is None and load_path and '://' not in load_path and Path(load_path).exists():
+        key, path = 'load_path', Path(load_path)
+    if path is None:
+        return
+    try:
+        check_trainer_checkpoint(model, path, ignore_keys=cfg.load_ignore_keys, strict=cfg.load_strict_model_weights)
+    except ValueError as error:
+        raise ConfigError(f"'{key}': {error}") from None
 
 
 def build_train_dataloader(cfg: DataLoaderConfig, device_batch_size: int):
@@ -197,6 +237,8 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
     device_batch_size = cfg.global_train_batch_size // world_size
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg.model, load_weights=previous is None)
+    if previous is None:
+        _check_checkpoint_to_load(cfg, model, run_name, save_folder, load_path)
     lr = scaled_lr(cfg.optimizer.base_lr, cfg.global_train_batch_size, cfg.train_loader.views, cfg.optimizer.lr_scaling)
     optimizer = build_adamw(
         model, lr=lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay
@@ -222,6 +264,10 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         lr,
         cfg.max_duration,
     )
+    callbacks = registry.build('callbacks', cfg.callbacks)
+    if cfg.stop_on_nonfinite_loss and not any(isinstance(callback, StopOnNonFiniteLoss) for callback in callbacks):
+        # First, so that no other callback acts on a batch with a NaN loss at BATCH_END.
+        callbacks.insert(0, StopOnNonFiniteLoss())
     trainer = Trainer(
         run_name=run_name,
         seed=cfg.seed,
@@ -236,7 +282,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         parallelism_config=parallelism_config,
         algorithms=registry.build('algorithms', cfg.algorithms),
-        callbacks=registry.build('callbacks', cfg.callbacks),
+        callbacks=callbacks,
         loggers=registry.build('loggers', cfg.loggers),
         progress_bar=cfg.progress_bar,
         log_to_console=cfg.log_to_console,
@@ -369,7 +415,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (2 for an invalid configuration)."""
+    """Run the command line; return the exit status (2 for an invalid configuration, 1 for bad data or a NaN loss)."""
     args = _parse_args(argv)
     if not os.path.isfile(args.yaml):
         print(f'error: YAML file {args.yaml!r} not found.', file=sys.stderr)
@@ -384,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
+    except (ShardError, CorruptSampleError, NonFiniteLossError) as error:
+        # Bad data or a diverged run: the message names the file, sample or batch and what to do.
+        print(f'error: {error}', file=sys.stderr)
+        return 1
     return 0
 
 

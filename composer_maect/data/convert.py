@@ -11,7 +11,7 @@ and ``root/val``, each with class folders). OUT is a local folder or any remote 
 
     OUT/train/{index.json, shard.00000.mds, ...}
     OUT/val/...            only when the source has a val split or F > 0
-    OUT/metadata.json      classes, counts per split and class, skipped files
+    OUT/metadata.json      classes, counts per split and class, the number and list of skipped files
 
 Each sample has the columns ``image`` (the encoded file bytes, stored unchanged, or a lossless PNG for the array
 sources), ``label`` (the class index, classes sorted by folder name) and ``index`` (the position in its split).
@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import math
 import os
-import struct
 import sys
 import tempfile
 import urllib.parse
@@ -39,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import ImageFile
 from tqdm import tqdm
 
+from composer_maect.data.decode import DECODE_ERRORS, decode_image
 from composer_maect.data.sources import BUILTIN_SOURCES, SkippedFile, SourceImage, open_source
 
 __all__ = ['COLUMNS', 'METADATA_FILENAME', 'ConversionReport', 'convert', 'main', 'split_holdout']
@@ -50,9 +49,6 @@ log = logging.getLogger(__name__)
 
 COLUMNS = {'image': 'bytes', 'label': 'int', 'index': 'int'}
 METADATA_FILENAME = 'metadata.json'
-
-# Errors that PIL raises for files it cannot open or decode (truncated data, unknown format, broken chunks).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 # Files are read and decoded on this many threads (PIL releases the GIL while decoding). The write order does not
 # depend on it.
@@ -114,6 +110,7 @@ class ConversionReport:
             'classes': list(self.classes),
             'num_samples': self.num_samples,
             'counts': {split: dict(counts) for split, counts in self.counts.items()},
+            'num_skipped': len(self.skipped),
             'skipped': [skipped.to_dict() for skipped in self.skipped],
         }
 
@@ -277,9 +274,9 @@ def _read_checked(image: SourceImage) -> tuple[bytes | None, str | None]:
     if not data:
         return None, 'empty file'
     try:
-        with Image.open(io.BytesIO(data)) as decoded:
-            decoded.load()
-    except _DECODE_ERRORS as err:
+        # The dataset's own decoding, so that every image written decodes to RGB while training.
+        decode_image(data)
+    except DECODE_ERRORS as err:
         return None, f'decode failed: {type(err).__name__}: {err}'
     return data, None
 

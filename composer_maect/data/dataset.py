@@ -10,19 +10,18 @@ Batches from the default collate are flat dicts of tensors::
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
+
+from composer_maect.data.decode import DECODE_ERRORS, decode_image
+from composer_maect.data.shards import check_local_shards
 
 __all__ = ['CorruptSampleError', 'ImageStreamingDataset', 'build_image_dataloader', 'decode_image']
 
@@ -31,33 +30,12 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ('image', 'label', 'index')
 CONVERT_COMMAND = 'python -m composer_maect.data.convert SOURCE OUT'
 
-# Errors that PIL raises for bytes it cannot open or decode.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
-
 # Keyword arguments of StreamingDataset that build_image_dataloader sets itself.
 _LOADER_MANAGED_KWARGS = ('local', 'remote', 'split', 'batch_size', 'shuffle', 'shuffle_seed')
 
 
 class CorruptSampleError(RuntimeError):
     """An image in a shard failed to decode. The message names the shard file and the sample."""
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image.
-
-    Grey, palette and CMYK images become RGB, and an alpha channel is dropped. 16-bit grey images (PIL modes
-    ``I;16*`` and ``I``) keep their top 8 bits instead of being clipped at 255 by PIL's ``convert('RGB')``.
-
-    Raises:
-        OSError, SyntaxError, ValueError, EOFError, struct.error, PIL.Image.DecompressionBombError: the bytes are not
-            a readable image.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode.startswith('I;16') or image.mode == 'I':
-            # NOTE: mode 'I' is assumed to hold 16-bit values, as 16-bit PNG and TIFF files do.
-            pixels = np.asarray(image, dtype=np.int64)
-            return Image.fromarray(np.clip(pixels >> 8, 0, 255).astype(np.uint8)).convert('RGB')
-        return image.convert('RGB')
 
 
 def _default_transform() -> v2.Compose:
@@ -135,7 +113,7 @@ class ImageStreamingDataset(StreamingDataset):
         sample = super().get_item(sample_id, retry=retry)
         try:
             image = decode_image(sample['image'])
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             raise CorruptSampleError(
                 f'Failed to decode the image of {self._describe_sample(sample_id)}: {type(err).__name__}: {err}. '
                 f'The shard file may be corrupt. Delete it, or the whole split, and re-run the converter '
@@ -191,6 +169,7 @@ def build_image_dataloader(
 
     Raises:
         FileNotFoundError: ``remote`` is None and ``local`` has no ``index.json`` for the split.
+        ShardError: ``remote`` is None and a shard file that ``index.json`` lists is missing or has another size.
         ValueError: ``streaming_kwargs`` repeats an argument of this function, or an invalid ``batch_size``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -216,6 +195,7 @@ def build_image_dataloader(
                 f'No shards in {os.path.dirname(index_path)!r}: index.json not found.{hint} Shards are written by '
                 f'`{CONVERT_COMMAND}`.'
             )
+        check_local_shards(os.path.dirname(index_path))
 
     dataset = ImageStreamingDataset(
         views=views,

@@ -14,7 +14,7 @@ from torch import nn
 
 from composer_maect.models.pos_embed import build_fixed_pos_embed
 
-__all__ = ['ENCODER_ALIASES', 'create_encoder', 'init_weights_mae', 'resolve_encoder_name']
+__all__ = ['ENCODER_ALIASES', 'check_patch_grid', 'create_encoder', 'init_weights_mae', 'resolve_encoder_name']
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,34 @@ def _check_divisible(img_size: tuple[int, int], patch_size: tuple[int, int]) -> 
             f'img_size {img_size} is not a multiple of patch_size {patch_size}. Choose an img_size that is a '
             f'multiple of the patch size (e.g. {nearest}) or a patch size that divides the image size.'
         )
+
+
+def check_patch_grid(
+    name: str,
+    img_size: int | tuple[int, int],
+    patch_size: int | tuple[int, int] | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Check, without building the model, that ``img_size`` is a multiple of the encoder's patch size.
+
+    The patch size is ``timm_kwargs['patch_size']``, else ``patch_size``, else the alias's fixed patch size, else the
+    ``patch<k>`` in the timm model name. A name without one passes here, and ``create_encoder`` checks the built model.
+
+    Raises:
+        ValueError: On an unknown encoder name, an invalid size, or an image size that is not a multiple of the
+            patch size. The message names both sizes and the nearest valid image size.
+    """
+    timm_name, model_kwargs = resolve_encoder_name(name)
+    # The same precedence as in create_encoder: timm_kwargs over patch_size over the alias.
+    if patch_size is not None:
+        model_kwargs['patch_size'] = patch_size
+    model_kwargs.update(timm_kwargs or {})
+    expected_patch = model_kwargs.get('patch_size')
+    if expected_patch is None:
+        match = _PATCH_IN_NAME.search(timm_name)
+        expected_patch = int(match.group(1)) if match else None
+    if expected_patch is not None:
+        _check_divisible(_to_pair(img_size, 'img_size'), _to_pair(expected_patch, 'patch_size'))
 
 
 @torch.no_grad()
@@ -148,12 +176,7 @@ def create_encoder(
 
     # Check the image/patch sizes before building a possibly large model. A name without 'patch<k>' is checked
     # against the model's actual patch size after it is built.
-    expected_patch = model_kwargs.get('patch_size')
-    if expected_patch is None:
-        match = _PATCH_IN_NAME.search(timm_name)
-        expected_patch = int(match.group(1)) if match else None
-    if expected_patch is not None:
-        _check_divisible(img_size, _to_pair(expected_patch, 'patch_size'))
+    check_patch_grid(name, img_size, patch_size, timm_kwargs)
 
     model = timm.create_model(
         timm_name,
