@@ -22,6 +22,7 @@ from composer.utils import dist, get_device, reproducibility
 from composer_maect import registry
 from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
+from composer_maect.fsdp import average_gloo_gradients, fsdp_settings
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
 __all__ = [
@@ -81,6 +82,8 @@ def check_config(cfg: TrainConfig, world_size: int, *, require_data: bool = True
             f"'train_loader.transform.img_size' ({loader.transform.img_size}) differs from 'model.encoder.img_size' "
             f'({cfg.model.encoder.img_size}); set both to the resolution the encoder is trained at.'
         )
+    if cfg.fsdp_config is not None:
+        fsdp_settings(cfg.fsdp_config)  # raises on keys that the FSDP version chosen by FSDP_VERSION rejects
     if cfg.autoresume and not (cfg.run_name and cfg.save_folder):
         raise ConfigError("'autoresume: true' needs 'run_name' and 'save_folder' so the run can find its checkpoints.")
     has_data = loader.remote is not None or _shards_present(loader.local, loader.split)
@@ -207,7 +210,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
     parallelism_config = None
     if cfg.fsdp_config is not None:
         if world_size > 1:
-            parallelism_config = {'fsdp': dict(cfg.fsdp_config)}
+            parallelism_config = {'fsdp': fsdp_settings(cfg.fsdp_config)}
         else:
             warnings.warn('fsdp_config is ignored in a 1-process run, which trains without sharding.', stacklevel=1)
 
@@ -256,6 +259,8 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         python_log_level=cfg.python_log_level,
         dist_timeout=cfg.dist_timeout,
     )
+    if parallelism_config is not None:
+        average_gloo_gradients(trainer.state.model)
     try:
         max_duration = trainer.state.max_duration
         if max_duration is not None and trainer.state.timestamp.get(max_duration.unit) >= max_duration:
