@@ -11,7 +11,7 @@ What each version accepts here:
 * FSDP2: the settable fields of ``FSDP2Config``, plus the FSDP1 keys whose value is what FSDP2 always does
   (``use_orig_params: true``, ``sharding_strategy: FULL_SHARD``, ``auto_wrap: true``,
   ``activation_checkpointing_reentrant: false``, ``sharded_ckpt_prefix_dir: ep{epoch}-ba{batch}``). Those are dropped
-  before Composer sees them, so one recipe runs under both versions.
+  before they reach Composer, so one recipe runs under both versions.
 
 ``device_mesh`` is left out of both, because a YAML value cannot be a ``DeviceMesh``.
 
@@ -82,9 +82,9 @@ def fsdp_settings(fsdp_config: Mapping[str, Any], version: int | None = None) ->
         version: 1 or 2; by default the version that ``FSDP_VERSION`` selects (see :func:`fsdp_version`).
 
     Raises:
-        FSDPConfigError: If a key is unknown to the chosen version, a value cannot be honoured by it, or
-            ``use_orig_params`` is false (this package's optimizers have several parameter groups and freeze some
-            parameters, which Composer's FSDP1 supports only with the original parameters).
+        FSDPConfigError: If a key is unknown to the chosen version, or a value cannot be honoured by it. Also if
+            ``use_orig_params`` is false: this package's optimizers have several parameter groups and freeze some
+            parameters, which Composer's FSDP1 supports only with the original parameters.
     """
     version = fsdp_version() if version is None else version
     if version not in (1, 2):

@@ -247,8 +247,8 @@ class ContrastiveTuning(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             optimizer = state.optimizers[0] if state.optimizers else None
-            # Composer seeds rank r with rank_zero_seed + r before INIT. FSDP does not broadcast weights as DDP does,
-            # so each rank would keep the shards of its own random head; the same seed on every rank avoids that.
+            # Composer seeds rank r with rank_zero_seed + r before INIT. Unlike DDP, FSDP does not broadcast weights,
+            # so each rank would shard its own random head. The same seed on every rank gives one head.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(state.rank_zero_seed)
                 self._vit, self._head = attach_contrastive_head(state.model, optimizer, **self.head_kwargs)

@@ -10,7 +10,7 @@ inputs, topk 1, no dropout, ContrastiveTuning with an EMA target projector and L
 frozen. On 2 ranks the model is sharded by FSDP2 with the settings that ``composer_maect.fsdp.fsdp_settings`` makes
 of a recipe's ``fsdp_config``; on 1 rank it trains without a wrapper and is the reference.
 
-Three trainers run one after another:
+With ``--ema`` every trainer also runs Composer's EMA algorithm. Three trainers run one after another:
 
 * ``full``: 4 batches without interruption;
 * ``first``: the same run stopped after 2 batches, saving a checkpoint (sharded on 2 ranks) at batch 2;
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from composer import Callback, Trainer
+from composer.algorithms import EMA
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
@@ -70,7 +71,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return whole.detach().clone()
 
 
-def build_trainer(device_batch_size: int, save_folder: Path | None, *, autoresume: bool = False):
+def build_trainer(device_batch_size: int, save_folder: Path | None, *, autoresume: bool = False, ema: bool = False):
     """Build the tuning trainer; return ``(trainer, algorithm, recorder)``."""
     torch.manual_seed(0)  # the same initial weights on every rank and in every trainer
     encoder = create_encoder('vit_tiny_patch16', img_size=32, patch_size=8, depth=4)
@@ -104,7 +105,11 @@ def build_trainer(device_batch_size: int, save_folder: Path | None, *, autoresum
         train_dataloader=loader,
         optimizers=optimizer,
         max_duration=f'{BATCHES}ba',
-        algorithms=[algorithm, LayerwiseUnfreezing(num_frozen_blocks=2, layer_decay=0.75)],
+        algorithms=[
+            algorithm,
+            LayerwiseUnfreezing(num_frozen_blocks=2, layer_decay=0.75),
+            *([EMA(half_life=None, smoothing=0.9, update_interval='1ba')] if ema else []),
+        ],
         callbacks=[recorder],
         parallelism_config={'fsdp': fsdp_settings(RECIPE_FSDP_CONFIG)} if world_size > 1 else None,
         device='cpu',
@@ -145,6 +150,7 @@ def final_state(trainer: Trainer, algorithm: ContrastiveTuning) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('out_dir', type=Path, help='folder for the rank{rank}.pt results and the checkpoints')
+    parser.add_argument('--ema', action='store_true', help="add Composer's EMA algorithm to every trainer")
     args = parser.parse_args()
     logging.basicConfig(format='%(name)s: %(message)s')
     world_size = dist.get_world_size()
@@ -153,17 +159,17 @@ def main() -> None:
     device_batch_size = GLOBAL_BATCH // world_size
     checkpoints = args.out_dir / 'checkpoints'
 
-    trainer, algorithm, recorder = build_trainer(device_batch_size, None)
+    trainer, algorithm, recorder = build_trainer(device_batch_size, None, ema=args.ema)
     trainer.fit()
     results = {'full': {'losses': recorder.losses, **final_state(trainer, algorithm)}}
     trainer.close()
 
-    trainer, algorithm, recorder = build_trainer(device_batch_size, checkpoints)
+    trainer, algorithm, recorder = build_trainer(device_batch_size, checkpoints, ema=args.ema)
     trainer.fit(duration=f'{STOP_AT}ba')
     results['first'] = {'losses': recorder.losses}
     trainer.close()
 
-    trainer, algorithm, recorder = build_trainer(device_batch_size, checkpoints, autoresume=True)
+    trainer, algorithm, recorder = build_trainer(device_batch_size, checkpoints, autoresume=True, ema=args.ema)
     results['resumed'] = {'start_batch': int(trainer.state.timestamp.batch)}
     trainer.fit()
     results['resumed'].update(losses=recorder.losses, **final_state(trainer, algorithm))
