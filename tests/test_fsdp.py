@@ -240,6 +240,7 @@ def test_head_is_one_unit_with_buffer_queue():
     assert not list(head.queue.parameters())
 
 
+@pytest.mark.filterwarnings('ignore:Please specify CheckpointImpl.NO_REENTRANT:FutureWarning')
 @pytest.mark.parametrize(
     ('impl', 'upper_gets_gradient'), [(CheckpointImpl.REENTRANT, False), (CheckpointImpl.NO_REENTRANT, True)]
 )
