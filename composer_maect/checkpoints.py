@@ -336,6 +336,14 @@ def _composer_ema(state: Mapping) -> Mapping | None:
     return None
 
 
+def _is_dtensor(value: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return False
+    return isinstance(value, DTensor)
+
+
 def has_ema_weights(checkpoint: Mapping) -> bool:
     """Return whether a loaded checkpoint is a Composer checkpoint with the weights of a started ``EMA`` algorithm."""
     state = _composer_state(checkpoint)
@@ -404,6 +412,15 @@ def select_weights(checkpoint: Mapping, weights: Weights = 'raw') -> dict[str, t
         **_clean(dict(stored.get('named_parameters_dict') or {})),
         **_clean(dict(stored.get('named_buffers_dict') or {})),
     }
+    sharded = [key for key, value in other.items() if _is_dtensor(value)]
+    if sharded:
+        # Composer 0.32.1 pickles algorithm state, so a checkpoint keeps one rank's FSDP2 shard of it (rank 0's).
+        available = 'ema' if swapped_in else 'raw'
+        raise ValueError(
+            f'The {weights!r} weights of this checkpoint are in the EMA algorithm state as FSDP2 DTensor shards of one '
+            f'rank only (for example {sharded[0]}), so they cannot be rebuilt in full. The checkpoint holds the '
+            f'{available!r} weights in full: load those with weights={available!r}.'
+        )
     unknown = sorted(set(other) - set(model))
     if unknown:
         raise ValueError(

@@ -25,6 +25,7 @@ from composer_maect.callbacks.nonfinite_loss import NonFiniteLossError, StopOnNo
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
 from composer_maect.data.dataset import CorruptSampleError
 from composer_maect.data.shards import ShardError, check_local_shards
+from composer_maect.fsdp import average_gloo_gradients, fsdp_settings
 from composer_maect.models.vit import check_patch_grid
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
@@ -90,6 +91,8 @@ def check_config(cfg: TrainConfig, world_size: int, *, require_data: bool = True
         check_patch_grid(encoder.name, encoder.img_size, encoder.patch_size, encoder.timm_kwargs)
     except ValueError as error:
         raise ConfigError(f"'model.encoder': {error}") from None
+    if cfg.fsdp_config is not None:
+        fsdp_settings(cfg.fsdp_config)  # raises on keys that the FSDP version chosen by FSDP_VERSION rejects
     if cfg.autoresume and not (cfg.run_name and cfg.save_folder):
         raise ConfigError("'autoresume: true' needs 'run_name' and 'save_folder' so the run can find its checkpoints.")
     has_data = loader.remote is not None or _shards_present(loader.local, loader.split)
@@ -249,7 +252,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
     parallelism_config = None
     if cfg.fsdp_config is not None:
         if world_size > 1:
-            parallelism_config = {'fsdp': dict(cfg.fsdp_config)}
+            parallelism_config = {'fsdp': fsdp_settings(cfg.fsdp_config)}
         else:
             warnings.warn('fsdp_config is ignored in a 1-process run, which trains without sharding.', stacklevel=1)
 
@@ -302,6 +305,8 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         python_log_level=cfg.python_log_level,
         dist_timeout=cfg.dist_timeout,
     )
+    if parallelism_config is not None:
+        average_gloo_gradients(trainer.state.model)
     try:
         max_duration = trainer.state.max_duration
         if max_duration is not None and trainer.state.timestamp.get(max_duration.unit) >= max_duration:

@@ -131,7 +131,8 @@ class ContrastiveTuning(Algorithm):
     Events:
         * ``INIT``: finds the model's only timm ``VisionTransformer``, attaches an NNCLR head and its queue as
           ``model.maect_head`` (a direct child, so Composer's FSDP wraps it and checkpoints save it), and adds the
-          head's parameters to the optimizer.
+          head's parameters to the optimizer. The head's random initial weights come from ``state.rank_zero_seed`` on
+          every rank, so that FSDP, which does not broadcast weights, shards the same head on every rank.
         * ``FIT_START``: checks that the global batch divides the queue size and that the batch is not split into
           microbatches (batch norm statistics and in-batch negatives depend on the whole batch). Under DDP with
           ``loss_mode='replace'`` it checks that the NNCLR loss reaches every trainable parameter, which a trainable
@@ -246,7 +247,11 @@ class ContrastiveTuning(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             optimizer = state.optimizers[0] if state.optimizers else None
-            self._vit, self._head = attach_contrastive_head(state.model, optimizer, **self.head_kwargs)
+            # Composer seeds rank r with rank_zero_seed + r before INIT. Unlike DDP, FSDP does not broadcast weights,
+            # so each rank would shard its own random head. The same seed on every rank gives one head.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(state.rank_zero_seed)
+                self._vit, self._head = attach_contrastive_head(state.model, optimizer, **self.head_kwargs)
             if self.head_init_from is not None:
                 # Before Composer loads any checkpoint, so that a resumed run keeps its own head and queue.
                 from composer_maect.checkpoints import load_head_weights
