@@ -22,7 +22,7 @@ from composer.utils import dist, get_device, reproducibility
 from composer_maect import registry
 from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
-from composer_maect.data.remote import RemoteDataError, check_remote_split_on_every_node
+from composer_maect.data.remote import RemoteDataError, check_remotes_on_every_node
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 from composer_maect.remote_checkpoints import remove_stale_autoresume_copy
 
@@ -182,8 +182,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         dist.initialize_dist(device, cfg.dist_timeout)
     check_config(cfg, world_size)
     _prepare_data(cfg)
-    if cfg.train_loader.remote is not None:
-        check_remote_split_on_every_node(cfg.train_loader.remote, cfg.train_loader.split)
+    check_remotes_on_every_node(cfg.train_loader.remote, cfg.train_loader.split, cfg.save_folder)
 
     run_name, save_folder, load_path = cfg.run_name, cfg.save_folder, cfg.load_path
     load_weights_only = cfg.load_weights_only

@@ -57,7 +57,7 @@ class MotoServer:
 
 
 def start_moto_server(log_path: Path) -> MotoServer:
-    """Start moto's S3 server on a free port of 127.0.0.1 and wait until it answers HTTP requests."""
+    """Start moto's S3 server on a free port of 127.0.0.1 and wait until it responds to HTTP requests."""
     port = free_port()
     endpoint = f'http://{HOST}:{port}'
     # The server needs no credentials, and it gets none of the machine's AWS settings.
@@ -118,7 +118,7 @@ def s3_environment(endpoint: str, secret_access_key: str, tmp_path: Path) -> dic
     """Return the environment variables that point boto3 at the moto server with dummy credentials.
 
     The AWS config and credentials files are empty files in ``tmp_path``, so no file of the machine is read, and the
-    instance metadata service is switched off, so a client without credentials asks no other address.
+    instance metadata service is switched off, so a client without credentials sends no request to another address.
     """
     config_file = tmp_path / 'aws-config'
     credentials_file = tmp_path / 'aws-credentials'

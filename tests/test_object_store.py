@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from composer_maect.data.remote import RemoteDataError, check_remote_split
+from composer_maect.data.remote import RemoteDataError, check_remote_split, check_save_folder
 from composer_maect.train import final_checkpoint, run_yaml
 
 from .conftest import YAMLS, composer_launcher, run_command
@@ -26,7 +26,7 @@ MAE_CT_YAML = str(YAMLS / 'mae_ct_mnist.yaml')
 def fast_symlink_upload(monkeypatch):
     """Poll every second, not every 30 s, for the uploaded checkpoint before uploading the ``latest`` link.
 
-    Composer's CheckpointSaver uploads the link only after it sees the checkpoint in the object store, and a run
+    Composer's CheckpointSaver uploads the link only after it finds the checkpoint in the object store, and a run
     waits for that link when it closes.
     """
     from composer.callbacks import CheckpointSaver
@@ -161,6 +161,17 @@ def test_check_local_remote_missing_shard(mnist_shards, tmp_path):
         check_remote_split(str(remote), 'val')
 
 
+def test_check_save_folder_bucket(s3_bucket, monkeypatch):
+    check_save_folder(s3_bucket.url('runs/{run_name}/checkpoints'))
+    typo = f"Bucket '{s3_bucket.name}-typo' .* Check the bucket name in save_folder"
+    with pytest.raises(RemoteDataError, match=typo):
+        check_save_folder(f's3://{s3_bucket.name}-typo/runs/{{run_name}}/checkpoints')
+    monkeypatch.delenv('AWS_ACCESS_KEY_ID')
+    monkeypatch.delenv('AWS_SECRET_ACCESS_KEY')
+    with pytest.raises(RemoteDataError, match='No AWS credentials found to save checkpoints'):
+        check_save_folder(s3_bucket.url('runs'))
+
+
 def test_cli_rejects_bad_remote_without_secret(remote_mnist, s3_bucket, tmp_path):
     """A misspelled bucket stops the run before the model is built; no log line contains the secret key."""
     url = remote_mnist.replace(s3_bucket.name, f'{s3_bucket.name}-typo')
@@ -210,8 +221,8 @@ def test_convert_train_autoresume_from_s3(s3_bucket, tmp_path, monkeypatch, capf
     assert _batches(_console(capfd)) == [5, 6]
     assert f'{run_prefix}/ep0-ba6-rank0.pt' in s3_bucket.keys(run_prefix)
 
-    # Composer keeps the checkpoint that autoresume downloaded under ./s3:/ and would load that copy (batch 4) again;
-    # the trainer deletes it, so this start resumes from the bucket's latest checkpoint (batch 6).
+    # Composer keeps the checkpoint that autoresume downloaded under ./s3:/ and would load that copy (batch 4) again.
+    # The trainer deletes it, so this start resumes from the bucket's latest checkpoint (batch 6).
     shutil.rmtree(cache)
     trainers = run_yaml(MAE_YAML, [*overrides, 'max_duration=8ba'])
     assert _batches(_console(capfd)) == [7, 8]

@@ -19,7 +19,13 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ['RemoteDataError', 'RemoteSplit', 'check_remote_split', 'check_remote_split_on_every_node']
+__all__ = [
+    'RemoteDataError',
+    'RemoteSplit',
+    'check_remote_split',
+    'check_remotes_on_every_node',
+    'check_save_folder',
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ class RemoteDataError(RuntimeError):
 
 
 class _S3RequestError(RemoteDataError):
-    """A request that the store answered with an error ``code``, such as ``NoSuchKey``."""
+    """An error response of the object store, with its error ``code`` such as ``NoSuchKey``."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
@@ -50,7 +56,7 @@ class _S3RequestError(RemoteDataError):
 
 @dataclass(frozen=True)
 class RemoteSplit:
-    """What the check found: the split's URL, and the shards and samples that its ``index.json`` lists."""
+    """The result of a check: the split's URL, and the number of shards and samples that its ``index.json`` lists."""
 
     url: str
     num_shards: int
@@ -144,7 +150,8 @@ _CREDENTIALS_HINT = (
 class _S3Reader:
     """A boto3 S3 client with short timeouts and few retries, and the errors of its requests translated."""
 
-    def __init__(self) -> None:
+    def __init__(self, setting: str = 'train_loader.remote') -> None:
+        self.setting = setting
         import boto3
         from botocore import UNSIGNED
         from botocore.config import Config
@@ -180,7 +187,7 @@ class _S3Reader:
             return getattr(self.client, operation)(**kwargs)
         except (EndpointConnectionError, BotoConnectionError, HTTPClientError) as error:
             raise RemoteDataError(
-                f'Failed to connect to the object store for {url}: {_endpoint_description()} did not answer after '
+                f'Request for {url} failed: {_endpoint_description()} did not respond after '
                 f'{MAX_ATTEMPTS} attempts ({type(error).__name__}: {error}). Check S3_ENDPOINT_URL (unset it for AWS '
                 'S3), that the server is running, and the network.'
             ) from None
@@ -198,7 +205,7 @@ class _S3Reader:
         if code == 'NoSuchBucket':
             return _S3RequestError(
                 f'Bucket {bucket!r} of {url} does not exist at {_endpoint_description()}. Check the bucket name in '
-                'train_loader.remote.',
+                f'{self.setting}.',
                 code,
             )
         if code in _ACCESS_DENIED_CODES:
@@ -295,7 +302,7 @@ def check_remote_split(remote: str, split: str | None = None) -> RemoteSplit | N
         split: the sub-folder with the split, or None.
 
     Returns:
-        The number of shards and samples found, or None for a scheme that is not checked (a log line says so).
+        The number of shards and samples found, or None for a scheme that is not checked (this is logged).
 
     Raises:
         RemoteDataError: the store cannot be reached, the bucket or ``index.json`` does not exist, the credentials are
@@ -313,8 +320,29 @@ def check_remote_split(remote: str, split: str | None = None) -> RemoteSplit | N
     return None
 
 
-def check_remote_split_on_every_node(remote: str, split: str | None = None) -> None:
-    """Run ``check_remote_split`` on local rank 0 of every node and raise its error on every rank.
+def check_save_folder(save_folder: str) -> None:
+    """Check that the bucket of an ``s3://`` checkpoint folder exists and that credentials for it were found.
+
+    Whether the credentials allow writing is checked by Composer's Trainer, which uploads a small object when it
+    starts. Other folders are not checked.
+
+    Raises:
+        RemoteDataError: the store cannot be reached, the bucket does not exist, or no credentials were found.
+    """
+    parsed = urllib.parse.urlparse(save_folder)
+    if parsed.scheme != 's3' or '{' in parsed.netloc:
+        return
+    reader = _S3Reader(setting='save_folder')
+    if reader.anonymous:
+        raise RemoteDataError(f'No AWS credentials found to save checkpoints to {save_folder}. {_CREDENTIALS_HINT}')
+    # Format placeholders such as {run_name} may follow in the key, so only the part before the first one is listed.
+    prefix = parsed.path.lstrip('/').split('{', 1)[0]
+    reader.request(save_folder, 'list_objects_v2', Bucket=parsed.netloc, Prefix=prefix, MaxKeys=1)
+    log.info('Checked the checkpoint folder %s', save_folder)
+
+
+def check_remotes_on_every_node(remote: str | None, split: str | None, save_folder: str | None = None) -> None:
+    """Run ``check_remote_split`` and ``check_save_folder`` on local rank 0 of every node and raise on every rank.
 
     Every rank raises the same ``RemoteDataError``, so no rank waits for a failed one at a collective.
     """
@@ -323,7 +351,10 @@ def check_remote_split_on_every_node(remote: str, split: str | None = None) -> N
     message = None
     if dist.get_local_rank() == 0:
         try:
-            check_remote_split(remote, split)
+            if remote is not None:
+                check_remote_split(remote, split)
+            if save_folder is not None:
+                check_save_folder(save_folder)
         except RemoteDataError as error:
             message = str(error)
     if dist.is_initialized() and dist.get_world_size() > 1:
