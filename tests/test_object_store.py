@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from composer_maect.data.remote import RemoteDataError, check_remote_split, check_save_folder
+from composer_maect.data.remote import RemoteDataError, check_output_bucket, check_remote_split
 from composer_maect.train import final_checkpoint, run_yaml
 
 from .conftest import YAMLS, composer_launcher, run_command
@@ -97,6 +97,17 @@ def test_check_unreachable_endpoint(remote_mnist, monkeypatch):
     assert 'Check S3_ENDPOINT_URL' in message
 
 
+def test_check_endpoint_password_not_shown(remote_mnist, monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        closed_port = sock.getsockname()[1]
+    monkeypatch.setenv('S3_ENDPOINT_URL', f'http://user:endpoint-password@127.0.0.1:{closed_port}')
+    with pytest.raises(RemoteDataError) as error:
+        check_remote_split(remote_mnist, 'train')
+    assert f'http://127.0.0.1:{closed_port}' in str(error.value)
+    assert 'endpoint-password' not in str(error.value)
+
+
 def test_check_misspelled_bucket(remote_mnist, s3_bucket):
     url = remote_mnist.replace(s3_bucket.name, f'{s3_bucket.name}-typo')
     with pytest.raises(RemoteDataError) as error:
@@ -162,14 +173,24 @@ def test_check_local_remote_missing_shard(mnist_shards, tmp_path):
 
 
 def test_check_save_folder_bucket(s3_bucket, monkeypatch):
-    check_save_folder(s3_bucket.url('runs/{run_name}/checkpoints'))
+    check_output_bucket(s3_bucket.url('runs/{run_name}/checkpoints'))
     typo = f"Bucket '{s3_bucket.name}-typo' .* Check the bucket name in save_folder"
     with pytest.raises(RemoteDataError, match=typo):
-        check_save_folder(f's3://{s3_bucket.name}-typo/runs/{{run_name}}/checkpoints')
+        check_output_bucket(f's3://{s3_bucket.name}-typo/runs/{{run_name}}/checkpoints')
     monkeypatch.delenv('AWS_ACCESS_KEY_ID')
     monkeypatch.delenv('AWS_SECRET_ACCESS_KEY')
-    with pytest.raises(RemoteDataError, match='No AWS credentials found to save checkpoints'):
-        check_save_folder(s3_bucket.url('runs'))
+    with pytest.raises(RemoteDataError, match=r'No AWS credentials found to write to s3://.* \(save_folder\)'):
+        check_output_bucket(s3_bucket.url('runs'))
+
+
+def test_convert_rejects_missing_bucket(s3_bucket, capsys):
+    from composer_maect.data.convert import main as convert_main
+
+    url = f's3://{s3_bucket.name}-typo/mnist'
+    assert convert_main(['digits', url, '--no-progress']) == 1
+    error = capsys.readouterr().err
+    assert f"error: Bucket '{s3_bucket.name}-typo' of {url} does not exist" in error
+    assert 'Check the bucket name in OUT' in error
 
 
 def test_cli_rejects_bad_remote_without_secret(remote_mnist, s3_bucket, tmp_path):

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,9 @@ from typing import Any
 __all__ = [
     'RemoteDataError',
     'RemoteSplit',
+    'check_output_bucket',
     'check_remote_split',
     'check_remotes_on_every_node',
-    'check_save_folder',
 ]
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ READ_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 3
 
 _MAX_LISTED_NAMES = 10
+_URL_USERINFO = re.compile(r'//[^/@\s"\']+@')
+_SECRET_VARIABLES = ('AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN')
 _ACCESS_DENIED_CODES = {'403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'AllAccessDisabled'}
 _NOT_FOUND_CODES = {'404', 'NoSuchKey', 'NotFound'}
 
@@ -141,6 +144,16 @@ def _endpoint_description() -> str:
     return f'endpoint {urllib.parse.urlunsplit(parsed)} (from S3_ENDPOINT_URL)'
 
 
+def _redact(text: str) -> str:
+    """Remove user names and passwords written into URLs, and the values of the secret AWS variables, from ``text``."""
+    text = _URL_USERINFO.sub('//', text)
+    for name in _SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            text = text.replace(value, '***')
+    return text
+
+
 _CREDENTIALS_HINT = (
     'Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), or '
     'AWS_PROFILE with a profile in ~/.aws/credentials, as for any boto3 client.'
@@ -187,17 +200,18 @@ class _S3Reader:
             return getattr(self.client, operation)(**kwargs)
         except (EndpointConnectionError, BotoConnectionError, HTTPClientError) as error:
             raise RemoteDataError(
-                f'Request for {url} failed: {_endpoint_description()} did not respond after '
-                f'{MAX_ATTEMPTS} attempts ({type(error).__name__}: {error}). Check S3_ENDPOINT_URL (unset it for AWS '
-                'S3), that the server is running, and the network.'
+                f'Request for {url} failed: {_endpoint_description()} did not respond after {MAX_ATTEMPTS} attempts '
+                f'({type(error).__name__}: {_redact(str(error))}). Check S3_ENDPOINT_URL (unset it for AWS S3), that '
+                'the server is running, and the network.'
             ) from None
         except (NoCredentialsError, PartialCredentialsError) as error:
-            raise RemoteDataError(f'Invalid credentials for {url}: {error}. {_CREDENTIALS_HINT}') from None
+            reason = _redact(str(error))
+            raise RemoteDataError(f'Invalid credentials for {url}: {reason}. {_CREDENTIALS_HINT}') from None
         except ClientError as error:
             raise self._client_error(url, error, kwargs.get('Bucket', '')) from None
         except BotoCoreError as error:
             raise RemoteDataError(
-                f'Failed to read {url} from {_endpoint_description()}: {type(error).__name__}: {error}.'
+                f'Failed to read {url} from {_endpoint_description()}: {type(error).__name__}: {_redact(str(error))}.'
             ) from None
 
     def _client_error(self, url: str, error: Any, bucket: str) -> _S3RequestError:
@@ -220,7 +234,8 @@ class _S3Reader:
                 'for this store and allow s3:GetObject and s3:ListBucket on the bucket.',
                 code,
             )
-        return _S3RequestError(f'Failed to read {url} from {_endpoint_description()}: {code}: {error}.', code)
+        reason = _redact(str(error))
+        return _S3RequestError(f'Failed to read {url} from {_endpoint_description()}: {code}: {reason}.', code)
 
 
 def _list_folder(reader: _S3Reader, bucket: str, prefix: str, folder_url: str) -> set[str]:
@@ -320,29 +335,33 @@ def check_remote_split(remote: str, split: str | None = None) -> RemoteSplit | N
     return None
 
 
-def check_save_folder(save_folder: str) -> None:
-    """Check that the bucket of an ``s3://`` checkpoint folder exists and that credentials for it were found.
+def check_output_bucket(url: str, setting: str = 'save_folder') -> None:
+    """Check that the bucket of an ``s3://`` output folder exists and that credentials for it were found.
 
-    Whether the credentials allow writing is checked by Composer's Trainer, which uploads a small object when it
-    starts. Other folders are not checked.
+    Whether the credentials allow writing is not checked: Composer's Trainer checks it for a ``save_folder`` by
+    uploading a small object when it starts. Other schemes and local folders are not checked.
+
+    Args:
+        url: the output folder, which may contain format placeholders such as ``{run_name}`` after the bucket.
+        setting: the name of the setting or argument that ``url`` came from, for the error message.
 
     Raises:
         RemoteDataError: the store cannot be reached, the bucket does not exist, or no credentials were found.
     """
-    parsed = urllib.parse.urlparse(save_folder)
+    parsed = urllib.parse.urlparse(url)
     if parsed.scheme != 's3' or '{' in parsed.netloc:
         return
-    reader = _S3Reader(setting='save_folder')
+    reader = _S3Reader(setting=setting)
     if reader.anonymous:
-        raise RemoteDataError(f'No AWS credentials found to save checkpoints to {save_folder}. {_CREDENTIALS_HINT}')
+        raise RemoteDataError(f'No AWS credentials found to write to {url} ({setting}). {_CREDENTIALS_HINT}')
     # Format placeholders such as {run_name} may follow in the key, so only the part before the first one is listed.
     prefix = parsed.path.lstrip('/').split('{', 1)[0]
-    reader.request(save_folder, 'list_objects_v2', Bucket=parsed.netloc, Prefix=prefix, MaxKeys=1)
-    log.info('Checked the checkpoint folder %s', save_folder)
+    reader.request(url, 'list_objects_v2', Bucket=parsed.netloc, Prefix=prefix, MaxKeys=1)
+    log.info('Checked the bucket of %s', url)
 
 
 def check_remotes_on_every_node(remote: str | None, split: str | None, save_folder: str | None = None) -> None:
-    """Run ``check_remote_split`` and ``check_save_folder`` on local rank 0 of every node and raise on every rank.
+    """Run ``check_remote_split`` and ``check_output_bucket`` on local rank 0 of every node and raise on every rank.
 
     Every rank raises the same ``RemoteDataError``, so no rank waits for a failed one at a collective.
     """
@@ -354,11 +373,11 @@ def check_remotes_on_every_node(remote: str | None, split: str | None, save_fold
             if remote is not None:
                 check_remote_split(remote, split)
             if save_folder is not None:
-                check_save_folder(save_folder)
+                check_output_bucket(save_folder)
         except RemoteDataError as error:
             message = str(error)
     if dist.is_initialized() and dist.get_world_size() > 1:
         messages = dist.all_gather_object(message)
         message = next((item for item in messages if item is not None), None)
     if message is not None:
-        raise RemoteDataError(message)
+        raise RemoteDataError(_redact(message))
