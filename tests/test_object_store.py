@@ -5,6 +5,7 @@ checks before training are run against an unreachable endpoint, misspelled names
 shard.
 """
 
+import json
 import re
 import shutil
 import socket
@@ -20,6 +21,22 @@ from .conftest import YAMLS, composer_launcher, run_command
 
 MAE_YAML = str(YAMLS / 'mae_pretrain_mnist.yaml')
 MAE_CT_YAML = str(YAMLS / 'mae_ct_mnist.yaml')
+
+
+# Imported through `code_paths` by every rank of a `composer -n 2` run: the subprocess form of fast_symlink_upload.
+FAST_SYMLINK_UPLOAD_PLUGIN = """
+from composer.callbacks import CheckpointSaver
+
+_original_init = CheckpointSaver.__init__
+
+
+def _init(self, *args, **kwargs):
+    _original_init(self, *args, **kwargs)
+    self._symlink_upload_wait_before_next_try_in_seconds = 1.0
+
+
+CheckpointSaver.__init__ = _init
+"""
 
 
 @pytest.fixture
@@ -143,6 +160,28 @@ def test_check_missing_credentials(remote_mnist, monkeypatch):
     assert f'Access denied to {remote_mnist}/train/index.json' in message
     assert 'no AWS credentials were found' in message
     assert 'AWS_ACCESS_KEY_ID' in message
+
+
+def test_check_access_denied(remote_mnist, s3_bucket):
+    """Credentials that the store rejects; here a bucket policy denies every read."""
+    policy = {
+        'Version': '2012-10-17',
+        'Statement': [
+            {
+                'Effect': 'Deny',
+                'Principal': '*',
+                'Action': 's3:GetObject',
+                'Resource': f'arn:aws:s3:::{s3_bucket.name}/*',
+            }
+        ],
+    }
+    s3_bucket.client().put_bucket_policy(Bucket=s3_bucket.name, Policy=json.dumps(policy))
+    with pytest.raises(RemoteDataError) as error:
+        check_remote_split(remote_mnist, 'train')
+    message = str(error.value)
+    assert f'Access denied to {remote_mnist}/train/index.json' in message
+    assert 'Check that the credentials are valid' in message
+    assert s3_bucket.secret_access_key not in message
 
 
 def test_check_partial_credentials(remote_mnist, monkeypatch):
@@ -304,7 +343,10 @@ def test_phases_hand_over_through_s3(
 @pytest.mark.slow
 def test_two_ranks_stream_save_and_resume_s3(remote_mnist, s3_bucket, tmp_path):
     """`composer -n 2` ranks and their DataLoader workers stream from the bucket, save to it and resume from it."""
+    plugin = tmp_path / 'fast_symlink_upload.py'
+    plugin.write_text(FAST_SYMLINK_UPLOAD_PLUGIN)
     overrides = _mae_overrides(remote_mnist, str(tmp_path / 'cache'), s3_bucket.url('runs/{run_name}/checkpoints'))
+    overrides.append(f'code_paths=[{plugin}]')
     command = [*composer_launcher(), '-n', '2', '-m', 'composer_maect.train', MAE_YAML, *overrides]
     first = run_command([*command, 'max_duration=2ba'], cwd=tmp_path)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
@@ -323,10 +365,12 @@ def test_two_ranks_stop_on_missing_shard(remote_mnist, s3_bucket, tmp_path):
     shard_key = next(key for key in s3_bucket.keys('mnist/train/') if key.endswith('.mds'))
     s3_bucket.client().delete_object(Bucket=s3_bucket.name, Key=shard_key)
     overrides = _mae_overrides(remote_mnist, str(tmp_path / 'cache'), s3_bucket.url('runs/{run_name}/checkpoints'))
+    # Local rank 0 writes to the launcher's stderr, rank 1 to the file.
     command = [*composer_launcher(), '-n', '2', '--stderr', 'rank{rank}.err', '-m', 'composer_maect.train']
     result = run_command([*command, MAE_YAML, *overrides, 'max_duration=2ba'], cwd=tmp_path, timeout=300)
     assert result.returncode != 0
-    for rank in (0, 1):
-        error = (tmp_path / f'rank{rank}.err').read_text()
-        assert f'{remote_mnist}/train/index.json lists' in error
-        assert s3_bucket.secret_access_key not in error
+    for rank, error in enumerate([result.stderr, (tmp_path / 'rank1.err').read_text()]):
+        assert f'error: {remote_mnist}/train/index.json lists' in error, f'rank {rank}'
+        assert 'Training MAEModel' not in error, f'rank {rank}'
+        assert s3_bucket.secret_access_key not in error, f'rank {rank}'
+    assert s3_bucket.secret_access_key not in result.stdout

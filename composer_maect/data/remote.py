@@ -1,9 +1,11 @@
-"""Check a remote data set before training: its ``index.json`` is readable and every shard it lists exists.
+"""Check object stores before any work starts: a remote data set's index and shards, and an output bucket.
 
 Streaming downloads shards lazily, so a misspelled bucket, missing credentials or a deleted shard would otherwise
 surface only after the model is built, or in the middle of an epoch. ``check_remote_split`` reads the index with short
-timeouts and few retries and lists the split's folder once (one request per 1,000 objects, not one per shard). Every
-error is a ``RemoteDataError`` that names the URL and what to check. Credentials never appear in its message.
+timeouts and few retries and lists the split's folder once (one request per 1,000 objects, not one per shard).
+``check_output_bucket`` checks that the bucket of a checkpoint folder or conversion output exists. Every error is a
+``RemoteDataError`` that names the URL and what to check. Its message leaves out passwords written into URLs and the
+values of ``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN``.
 
 Checked schemes: ``s3://`` (also S3-compatible stores through ``S3_ENDPOINT_URL``) and plain local paths. Other
 schemes that Streaming reads (``gs://``, ``oci://``, ...) are not checked here.
@@ -89,11 +91,11 @@ def _check_shards(index: dict[str, Any], index_url: str, folder_url: str, existi
     shard_names = _shard_names(index, index_url)
     missing = [names[0] for names in shard_names if not names or not any(name in existing for name in names)]
     if missing:
-        shown = ', '.join(missing[:_MAX_LISTED_NAMES])
+        listed_names = ', '.join(missing[:_MAX_LISTED_NAMES])
         more = f' and {len(missing) - _MAX_LISTED_NAMES} more' if len(missing) > _MAX_LISTED_NAMES else ''
         raise RemoteDataError(
             f'{index_url} lists {len(shard_names)} shards, but {len(missing)} of them are missing in {folder_url}: '
-            f'{shown}{more}. Upload the missing shard files again, or convert the data set again into an empty '
+            f'{listed_names}{more}. Upload the missing shard files again, or convert the data set again into an empty '
             'folder.'
         )
     num_samples = sum(int(shard.get('samples', 0)) for shard in index['shards'])
@@ -164,7 +166,6 @@ class _S3Reader:
     """A boto3 S3 client with short timeouts and few retries, and the errors of its requests translated."""
 
     def __init__(self, setting: str = 'train_loader.remote') -> None:
-        self.setting = setting
         import boto3
         from botocore import UNSIGNED
         from botocore.config import Config
@@ -177,6 +178,7 @@ class _S3Reader:
             raise RemoteDataError(f'Invalid AWS credentials: {error}. {_CREDENTIALS_HINT}') from None
         # Without credentials the request goes out unsigned, as Streaming does for public buckets.
         self.anonymous = credentials is None
+        self.setting = setting
         config = Config(
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=READ_TIMEOUT_S,
