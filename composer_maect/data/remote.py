@@ -366,6 +366,9 @@ def check_remotes_on_every_node(remote: str | None, split: str | None, save_fold
     """Run ``check_remote_split`` and ``check_output_bucket`` on local rank 0 of every node and raise on every rank.
 
     Every rank raises the same ``RemoteDataError``, so no rank waits for a failed one at a collective.
+
+    NOTE: the remote is checked even when the local cache already holds every shard, so a run whose remote cannot
+    be reached stops here, although Streaming could train from a complete cache.
     """
     from composer.utils import dist
 
