@@ -290,6 +290,7 @@ def test_convert_train_autoresume_from_s3(s3_bucket, tmp_path, monkeypatch, capf
     assert f'{run_prefix}/ep0-ba8-rank0.pt' in s3_bucket.keys(run_prefix)
 
 
+@pytest.mark.slow
 def test_phases_hand_over_through_s3(
     remote_mnist, mnist_shards, s3_bucket, tmp_path, monkeypatch, caplog, fast_symlink_upload
 ):
