@@ -24,10 +24,12 @@ from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
 from composer_maect.callbacks.nonfinite_loss import NonFiniteLossError, StopOnNonFiniteLoss
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
 from composer_maect.data.dataset import CorruptSampleError
+from composer_maect.data.remote import RemoteDataError, check_remotes_on_every_node
 from composer_maect.data.shards import ShardError, check_local_shards
 from composer_maect.fsdp import average_gloo_gradients, fsdp_settings
 from composer_maect.models.vit import check_patch_grid
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
+from composer_maect.remote_checkpoints import remove_stale_autoresume_copy
 
 __all__ = [
     'build_model',
@@ -223,6 +225,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         dist.initialize_dist(device, cfg.dist_timeout)
     check_config(cfg, world_size)
     _prepare_data(cfg)
+    check_remotes_on_every_node(cfg.train_loader.remote, cfg.train_loader.split, cfg.save_folder)
 
     run_name, save_folder, load_path = cfg.run_name, cfg.save_folder, cfg.load_path
     load_weights_only = cfg.load_weights_only
@@ -248,6 +251,9 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
     )
     scheduler = build_scheduler(cfg.scheduler.warmup, cfg.scheduler.alpha_f)
     train_dataloader = build_train_dataloader(cfg.train_loader, device_batch_size)
+
+    if cfg.autoresume and save_folder is not None:
+        remove_stale_autoresume_copy(save_folder, cfg.save_latest_filename, run_name)
 
     parallelism_config = None
     if cfg.fsdp_config is not None:
@@ -432,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_run(load_run(args.yaml, args.overrides)))
         else:
             run_yaml(args.yaml, args.overrides)
-    except ConfigError as error:
+    except (ConfigError, RemoteDataError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except (ShardError, CorruptSampleError, NonFiniteLossError) as error:

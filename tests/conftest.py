@@ -28,6 +28,38 @@ def mnist_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope='session')
+def moto_server(tmp_path_factory):
+    """A moto S3 server process on a free port of 127.0.0.1, shared by the session's tests."""
+    from .s3 import start_moto_server
+
+    server = start_moto_server(tmp_path_factory.mktemp('moto') / 'server.log')
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server, tmp_path, monkeypatch):
+    """An empty bucket on the moto server, with the environment of this test (and its subprocesses) pointed at it.
+
+    The credentials are dummies with a unique secret, so a test can assert that the secret appears in no output.
+    """
+    import uuid
+
+    from .s3 import UNSET_VARIABLES, S3Bucket, new_bucket_name, s3_environment
+
+    for name in UNSET_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    secret = f'secret-{uuid.uuid4().hex}'
+    aws_folder = tmp_path / 'aws'
+    aws_folder.mkdir()
+    for name, value in s3_environment(moto_server.endpoint, secret, aws_folder).items():
+        monkeypatch.setenv(name, value)
+    bucket = S3Bucket(moto_server.endpoint, new_bucket_name(), secret)
+    bucket.client().create_bucket(Bucket=bucket.name)
+    return bucket
+
+
 def composer_launcher() -> list[str]:
     """The `composer` launcher of the running interpreter's environment."""
     launcher = Path(sys.executable).with_name('composer')

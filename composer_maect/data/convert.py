@@ -41,6 +41,7 @@ from PIL import ImageFile
 from tqdm import tqdm
 
 from composer_maect.data.decode import DECODE_ERRORS, decode_image
+from composer_maect.data.remote import RemoteDataError, check_output_bucket
 from composer_maect.data.sources import BUILTIN_SOURCES, SkippedFile, SourceImage, open_source
 
 __all__ = ['COLUMNS', 'METADATA_FILENAME', 'ConversionReport', 'convert', 'main', 'split_holdout']
@@ -411,6 +412,7 @@ def convert(
     Raises:
         FileNotFoundError: ``source`` is neither a builtin name nor a folder.
         FileExistsError: the local output already contains a split folder or ``metadata.json``.
+        RemoteDataError: an ``s3://`` output whose bucket does not exist or cannot be reached, or no credentials.
         ValueError: an invalid argument, a source without readable images, or a val_fraction that leaves val empty.
     """
     _validate_arguments(val_fraction, seed, compression, size_limit)
@@ -422,6 +424,7 @@ def convert(
     elif not _is_remote(out):
         out = os.path.expanduser(out)
     _check_output_free(out)
+    check_output_bucket(out[1] if isinstance(out, tuple) else out, setting='OUT')
 
     image_source = open_source(source)
     empty_splits = [split for split, images in image_source.splits.items() if not images]
@@ -548,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             size_limit=args.size_limit,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, RemoteDataError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
     print(report.format())
