@@ -141,9 +141,12 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel
 
 def build_train_dataloader(cfg: DataLoaderConfig, device_batch_size: int):
     """Build the training ``DataLoader`` over MDS shards for one rank."""
+    from composer_maect.data.cache import prepare_local_directory
     from composer_maect.data.dataset import build_image_dataloader
     from composer_maect.data.transforms import build_transform
 
+    # Removes the shared memory of a killed run on this local directory, and rejects a second run on the same cache.
+    prepare_local_directory(cfg.local, cfg.split, remote=cfg.remote)
     transform = build_transform(cfg.transform.name, **cfg.transform.options())
     return build_image_dataloader(
         local=cfg.local,
