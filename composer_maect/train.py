@@ -21,6 +21,7 @@ from composer.utils import dist, get_device, reproducibility
 
 from composer_maect import registry
 from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
+from composer_maect.callbacks.resume_rng import restore_rng_mid_epoch
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
@@ -259,6 +260,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
         python_log_level=cfg.python_log_level,
         dist_timeout=cfg.dist_timeout,
     )
+    restore_rng_mid_epoch(trainer)
     try:
         max_duration = trainer.state.max_duration
         if max_duration is not None and trainer.state.timestamp.get(max_duration.unit) >= max_duration:
