@@ -23,6 +23,7 @@ from composer_maect import registry
 from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
 from composer_maect.callbacks.resume_rng import restore_rng_mid_epoch
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
+from composer_maect.data.cache import LocalDirectoryInUseError
 from composer_maect.optim import build_adamw, build_scheduler, scaled_lr
 
 __all__ = [
@@ -386,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_run(load_run(args.yaml, args.overrides)))
         else:
             run_yaml(args.yaml, args.overrides)
-    except ConfigError as error:
+    except (ConfigError, LocalDirectoryInUseError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     return 0

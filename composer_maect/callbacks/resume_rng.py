@@ -7,8 +7,8 @@ process after such a resume, such as ContrastiveTuning's choice among the ``topk
 single-view batches, then differ from those of the uninterrupted run.
 
 :func:`restore_rng_mid_epoch` fills that gap with :class:`RestoreRNG`, which loads the state at ``AFTER_DATALOADER``
-of the first batch: at the same point of the batch as in the uninterrupted run, after the DataLoader iterator is
-created (which draws a worker seed from the RNG) and before the batch's own draws.
+of the first batch. That is the point where the uninterrupted run had the same state: after the DataLoader iterator
+exists (creating it draws a worker seed from the RNG) and before the batch's own draws.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class RestoreRNG(Callback):
-    """Load per-rank RNG states (as Composer saves them) once, at the first ``AFTER_DATALOADER``."""
+    """A callback that loads per-rank RNG states, as Composer saves them, once at the first ``AFTER_DATALOADER``."""
 
     def __init__(self, rng_state: list[dict[str, Any]]) -> None:
         self.rng_state: list[dict[str, Any]] | None = rng_state
@@ -45,7 +45,7 @@ def restore_rng_mid_epoch(trainer: Trainer) -> bool:
     Returns:
         Whether the callback was added.
     """
-    # NOTE: reads the Trainer's private `_rng_state`, which holds the loaded checkpoint's RNG states (Composer 0.32.1).
+    # NOTE: reads the Trainer's private `_rng_state`, the loaded checkpoint's RNG states (Composer 0.32.1).
     rng_state = getattr(trainer, '_rng_state', None)
     state = trainer.state
     if rng_state is None or int(state.timestamp.batch_in_epoch) == 0 or 'train' not in state.dataset_resumption:

@@ -90,8 +90,13 @@ def _read_locals(path: str) -> list[str]:
     return data[4:size].decode('utf-8', errors='replace').split('\0')[:-1]
 
 
-def find_registered_prefixes(directory: str, shm_root: str = SHM_ROOT) -> list[int]:
-    """Return the Streaming shared-memory prefixes whose ``_locals`` block registers ``directory``."""
+def find_registered_prefixes(
+    directory: str, shm_root: str = SHM_ROOT, *, include_subdirectories: bool = False
+) -> list[int]:
+    """Return the Streaming shared-memory prefixes whose ``_locals`` block registers ``directory`` (an absolute path).
+
+    With ``include_subdirectories``, a prefix that registers a directory below ``directory`` counts too.
+    """
     if not os.path.isdir(shm_root):
         return []
     prefixes = []
@@ -103,7 +108,8 @@ def find_registered_prefixes(directory: str, shm_root: str = SHM_ROOT) -> list[i
             registered = _read_locals(os.path.join(shm_root, name))
         except (FileNotFoundError, PermissionError):
             continue
-        if directory in registered:
+        below = [path for path in registered if path.startswith(directory.rstrip(os.sep) + os.sep)]
+        if directory in registered or (include_subdirectories and below):
             prefixes.append(int(match.group(1)))
     return prefixes
 
@@ -132,8 +138,9 @@ def _take_shared_lock(fd: int, directory: str, lock_path: str) -> None:
             if time.monotonic() > deadline:
                 os.close(fd)
                 raise LocalDirectoryInUseError(
-                    f'Local directory {directory!r} is the download cache of another live run (it holds {lock_path} '
-                    f'exclusively). Read the shards from their own folder, or give this run another train_loader.local.'
+                    f'Local directory {directory!r} is the download cache of another live run, which has locked '
+                    f'{lock_path} exclusively. Read the shards from their own folder, or give this run another '
+                    'train_loader.local.'
                 ) from None
             time.sleep(0.1)
 
@@ -164,7 +171,7 @@ def claim_local_directory(
         if remote is not None:
             os.close(fd)
             raise LocalDirectoryInUseError(
-                f'Local cache directory {directory!r} is in use by another live run (it holds the lock {lock_path}). '
+                f'Local cache directory {directory!r} is in use by another live run, which has locked {lock_path}. '
                 'Two runs point at the same local cache, which would corrupt it. Give each run its own '
                 'train_loader.local.'
             ) from None
