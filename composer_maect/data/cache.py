@@ -32,7 +32,6 @@ import tempfile
 import time
 
 import numpy as np
-from composer.utils import dist
 from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
 
 __all__ = [
@@ -196,6 +195,8 @@ def claim_local_directory(
 
 def prepare_local_directory(local: str, split: str | None = None, *, remote: str | None = None) -> None:
     """Run :func:`claim_local_directory` on local rank 0 of each node, then wait for it on every rank."""
+    from composer.utils import dist
+
     if dist.get_local_rank() == 0:
         claim_local_directory(local, split, remote=remote)
     if dist.is_initialized():
