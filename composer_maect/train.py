@@ -22,7 +22,9 @@ from composer.utils import dist, format_name_with_dist, get_device, reproducibil
 from composer_maect import registry
 from composer_maect.algorithms.contrastive_tuning import HEAD_ATTRIBUTE
 from composer_maect.callbacks.nonfinite_loss import NonFiniteLossError, StopOnNonFiniteLoss
+from composer_maect.callbacks.resume_rng import restore_rng_mid_epoch
 from composer_maect.config import ConfigError, DataLoaderConfig, ModelConfig, TrainConfig, load_run
+from composer_maect.data.cache import LocalDirectoryInUseError
 from composer_maect.data.dataset import CorruptSampleError
 from composer_maect.data.remote import RemoteDataError, check_remotes_on_every_node
 from composer_maect.data.shards import ShardError, check_local_shards
@@ -186,9 +188,12 @@ def _check_checkpoint_to_load(
 
 def build_train_dataloader(cfg: DataLoaderConfig, device_batch_size: int):
     """Build the training ``DataLoader`` over MDS shards for one rank."""
+    from composer_maect.data.cache import prepare_local_directory
     from composer_maect.data.dataset import build_image_dataloader
     from composer_maect.data.transforms import build_transform
 
+    # Removes the shared memory of a killed run on this local directory, and rejects a second run on the same cache.
+    prepare_local_directory(cfg.local, cfg.split, remote=cfg.remote)
     transform = build_transform(cfg.transform.name, **cfg.transform.options())
     return build_image_dataloader(
         local=cfg.local,
@@ -313,6 +318,7 @@ def train(cfg: TrainConfig, *, previous: TrainConfig | None = None) -> Trainer:
     )
     if parallelism_config is not None:
         average_gloo_gradients(trainer.state.model)
+    restore_rng_mid_epoch(trainer)
     try:
         max_duration = trainer.state.max_duration
         if max_duration is not None and trainer.state.timestamp.get(max_duration.unit) >= max_duration:
@@ -438,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_run(load_run(args.yaml, args.overrides)))
         else:
             run_yaml(args.yaml, args.overrides)
-    except (ConfigError, RemoteDataError) as error:
+    except (ConfigError, RemoteDataError, LocalDirectoryInUseError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except (ShardError, CorruptSampleError, NonFiniteLossError) as error:

@@ -10,12 +10,33 @@ REPO = Path(__file__).resolve().parents[1]
 YAMLS = REPO / 'yamls'
 
 
-@pytest.fixture(autouse=True)
-def _clean_streaming_shared_memory():
-    """Remove shared memory that a killed StreamingDataset left behind, so the next dataset does not hang on it."""
-    from streaming.base.util import clean_stale_shared_memory
+def _unlink_streaming_memory_under(folder: Path) -> None:
+    from composer_maect.data.cache import find_registered_prefixes, unlink_streaming_prefix
 
-    clean_stale_shared_memory()
+    for prefix in find_registered_prefixes(os.path.abspath(folder), include_subdirectories=True):
+        unlink_streaming_prefix(prefix)
+
+
+@pytest.fixture(autouse=True)
+def _clean_streaming_shared_memory(request):
+    """After a test, unlink the Streaming shared memory of the datasets on its ``tmp_path``, killed processes' too.
+
+    Only blocks that register a directory below the test's own ``tmp_path`` are touched, so the shared memory of
+    concurrent test sessions and training runs survives (``streaming.base.util.clean_stale_shared_memory()`` would
+    remove it all).
+    """
+    # Requested before the test, so that tmp_path is torn down after this fixture.
+    tmp_path = request.getfixturevalue('tmp_path') if 'tmp_path' in request.fixturenames else None
+    yield
+    if tmp_path is not None:
+        _unlink_streaming_memory_under(tmp_path)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _clean_session_streaming_shared_memory(tmp_path_factory):
+    """At the end of the session, unlink the Streaming shared memory of datasets below the session's temp folder."""
+    yield
+    _unlink_streaming_memory_under(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope='session')

@@ -14,18 +14,11 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 from streaming import StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
 from composer_maect.data.convert import METADATA_FILENAME, convert, main, split_holdout
 from composer_maect.data.sources import SourceImage, open_source
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def fresh_shared_memory():
-    """Remove shared memory left by a killed StreamingDataset, which can break the next one."""
-    clean_stale_shared_memory()
 
 
 def _noise_image(size: tuple[int, int], mode: str, seed: int) -> Image.Image:

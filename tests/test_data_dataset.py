@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 from streaming import MDSWriter
-from streaming.base.util import clean_stale_shared_memory
 
 from composer_maect.data.convert import COLUMNS, convert
 from composer_maect.data.dataset import (
@@ -21,12 +20,6 @@ from composer_maect.data.transforms import build_transform
 
 # One image per class folder; the converter sorts the classes by name.
 CLASSES = ['cmyk', 'grey', 'grey16', 'palette', 'rgb', 'rgba']
-
-
-@pytest.fixture(autouse=True)
-def fresh_shared_memory():
-    """Remove shared memory left by a killed StreamingDataset, which can break the next one."""
-    clean_stale_shared_memory()
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -248,3 +241,41 @@ def test_dataloader_missing_split_hint(mixed_shards):
 def test_dataloader_invalid_arguments(mixed_shards, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_image_dataloader(local=str(mixed_shards), split='train', **kwargs)
+
+
+def test_views_independent_of_workers(mixed_shards):
+    """A sample's views depend on the augmentation seed, the epoch and the sample, not on the worker that reads it."""
+    transform = build_transform('contrastive', img_size=8)
+
+    def views_by_index(num_workers: int, seed: int, epochs: int = 1) -> list[dict[int, torch.Tensor]]:
+        loader = build_image_dataloader(
+            local=str(mixed_shards),
+            split='train',
+            batch_size=2,
+            views=2,
+            transform=transform,
+            shuffle=False,
+            drop_last=False,
+            num_workers=num_workers,
+            augmentation_seed=seed,
+        )
+        per_epoch = []
+        for _ in range(epochs):
+            views = {}
+            for batch in loader:
+                for row, index in enumerate(batch['index'].tolist()):
+                    views[index] = torch.cat([batch['view0'][row], batch['view1'][row]])
+            per_epoch.append(views)
+        return per_epoch
+
+    first_epoch, second_epoch = views_by_index(0, seed=5, epochs=2)
+    (with_workers,) = views_by_index(2, seed=5)
+    (other_seed,) = views_by_index(0, seed=6)
+    assert sorted(first_epoch) == list(range(len(CLASSES)))
+    assert sorted(with_workers) == sorted(first_epoch)
+    for index, views in first_epoch.items():
+        assert torch.equal(with_workers[index], views), index
+        if torch.equal(views.amax(dim=(1, 2)), views.amin(dim=(1, 2))):
+            continue  # Every crop of a single-colour image (the CMYK and 16-bit grey ones) is the same.
+        assert not torch.equal(second_epoch[index], views), index
+        assert not torch.equal(other_seed[index], views), index

@@ -20,7 +20,6 @@ from composer.algorithms import EMA
 from composer.core import Callback
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerModel
-from streaming.base.util import clean_stale_shared_memory
 from torch import nn
 
 from composer_maect.callbacks.knn_monitor import KNNMonitor, find_vision_transformer
@@ -553,7 +552,6 @@ def digits_source(tmp_path_factory):
 @pytest.fixture
 def digits(digits_source, tmp_path):
     """A copy of the digits shards for one test, so that every dataset of the test reads its own folder."""
-    clean_stale_shared_memory()
     out = tmp_path / 'digits'
     shutil.copytree(digits_source, out)
     return out

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
@@ -52,19 +53,42 @@ class ImageStreamingDataset(StreamingDataset):
             random draws, or a sequence with one callable per view (such as the pair of
             ``build_transform('contrastive_aug', ...)``). None converts to a float tensor in 0..1 without resizing,
             which only batches when all images have the same size.
+        augmentation_seed: seed of the random draws of the transforms. None takes ``torch.initial_seed()`` when the
+            dataset is built, which is the run's seed after Composer's ``reproducibility.seed_all(seed)``.
         **streaming_kwargs: keyword arguments of ``StreamingDataset``, such as ``local``, ``remote``, ``split``,
             ``batch_size``, ``shuffle``, ``shuffle_seed``, ``predownload``, ``cache_limit``.
+
+    The transforms of a sample draw from torch's CPU generator seeded from ``(augmentation_seed, epoch, sample id)``,
+    and the generator's previous state is restored afterwards. So the views of a sample depend neither on the
+    DataLoader worker that reads it nor on the samples read before it, and a run resumed mid-epoch from a checkpoint
+    gets the same views as an uninterrupted run.
 
     Raises:
         ValueError: invalid ``views`` or ``transform``, or shards without the columns image, label and index.
         CorruptSampleError: (when reading) an image that does not decode.
     """
 
-    def __init__(self, *, views: int = 1, transform: Callable | Sequence[Callable] | None = None, **streaming_kwargs):
+    def __init__(
+        self,
+        *,
+        views: int = 1,
+        transform: Callable | Sequence[Callable] | None = None,
+        augmentation_seed: int | None = None,
+        **streaming_kwargs,
+    ):
         self.views = views
         self.transforms = self._per_view_transforms(views, transform)
+        self.augmentation_seed = torch.initial_seed() if augmentation_seed is None else augmentation_seed
+        self._epoch = 0
         super().__init__(**streaming_kwargs)
         self._check_columns()
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        # Streaming (0.13.0) calls this in every worker at the start of an epoch's iteration; the epoch it returns is
+        # the resumed epoch after a checkpoint load, so the augmentation seed below follows the data position.
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._epoch = epoch
+        return epoch, sample_in_epoch
 
     @staticmethod
     def _per_view_transforms(views: int, transform: Callable | Sequence[Callable] | None) -> list[Callable]:
@@ -121,11 +145,14 @@ class ImageStreamingDataset(StreamingDataset):
             ) from err
 
         item: dict[str, Any] = {}
-        if self.views == 1:
-            item['image'] = self.transforms[0](image)
-        else:
-            for view, transform in enumerate(self.transforms):
-                item[f'view{view}'] = transform(image)
+        seed = np.random.SeedSequence([self.augmentation_seed, self._epoch, sample_id]).generate_state(1, np.uint64)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed[0]))
+            if self.views == 1:
+                item['image'] = self.transforms[0](image)
+            else:
+                for view, transform in enumerate(self.transforms):
+                    item[f'view{view}'] = transform(image)
         item['label'] = int(sample['label'])
         item['index'] = int(sample['index'])
         return item
@@ -145,6 +172,7 @@ def build_image_dataloader(
     transform: Callable | Sequence[Callable] | None = None,
     shuffle: bool = True,
     shuffle_seed: int = 9176,
+    augmentation_seed: int | None = None,
     num_workers: int = 0,
     drop_last: bool = True,
     persistent_workers: bool = False,
@@ -163,6 +191,7 @@ def build_image_dataloader(
             needs it to resume a run at the same sample.
         views, transform: see ``ImageStreamingDataset``.
         shuffle, shuffle_seed: Streaming's shuffle, identical on all ranks for the same seed.
+        augmentation_seed: see ``ImageStreamingDataset``.
         num_workers, drop_last, persistent_workers, pin_memory, prefetch_factor: as in ``DataLoader``.
             ``persistent_workers`` and ``prefetch_factor`` apply only when ``num_workers > 0``.
         streaming_kwargs: further ``StreamingDataset`` arguments, such as ``predownload`` or ``cache_limit``.
@@ -206,6 +235,7 @@ def build_image_dataloader(
         batch_size=batch_size,
         shuffle=shuffle,
         shuffle_seed=shuffle_seed,
+        augmentation_seed=augmentation_seed,
         **streaming_kwargs,
     )
 
