@@ -116,7 +116,7 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel
     from composer_maect.checkpoints import load_encoder_weights
     from composer_maect.models.encoder_model import ViTEncoderModel
     from composer_maect.models.mae import MAEModel
-    from composer_maect.models.vit import create_encoder
+    from composer_maect.models.vit import compile_encoder_blocks, create_encoder
 
     encoder = create_encoder(
         cfg.encoder.name,
@@ -127,6 +127,8 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel
     )
     if load_weights and cfg.init_from is not None:
         load_encoder_weights(encoder, cfg.init_from.path, weights=cfg.init_from.weights)
+    if cfg.encoder.compile_blocks:
+        compile_encoder_blocks(encoder)
     if cfg.name == 'vit_encoder':
         return ViTEncoderModel(encoder)
     return MAEModel(
