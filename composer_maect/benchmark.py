@@ -3,16 +3,19 @@
 Run ``python -m composer_maect.benchmark --help`` for the options. Rows:
 
 - ``tuning``: a contrastive tuning step in a ``composer.Trainer`` (``ViTEncoderModel`` with ``ContrastiveTuning``,
-  ``LayerwiseUnfreezing`` of the lower half and Composer's ``EMA``). The reference is a plain loop over the same timm
-  ViT with the same frozen blocks: two views, a trivial loss (mean of the pooled features) and an AdamW step.
+  ``LayerwiseUnfreezing`` of the lower half and the package's ``EMA``). The reference is a plain loop over the same
+  timm ViT with the same frozen blocks: two views, a trivial loss (mean of the pooled features) and an AdamW step.
+  ``--compile`` compiles the encoder blocks of both sides with ``torch.compile``.
 - ``mae``: an ``MAEModel`` step in a Trainer against a plain loop over the same model's forward, loss and backward.
 - ``data``: two-view samples/s per worker from MDS shards of JPEGs against torchvision's ``ImageFolder``.
 - ``memory``: peak memory of the tuning step, with and without activation checkpointing, one subprocess each.
 - ``gpu``: ViT-L/16 and ViT-H/14 tuning steps in bf16 on one CUDA device; skipped when CUDA is absent.
 
-The Trainer and the reference run in alternating blocks of steps, so that machine noise hits both alike, and each
-reports the median of its per-block step times. MFU is the model's FLOPs per second (``flops_per_batch``) over the
-rate of a large ``torch.matmul`` measured in the same process at the same precision and thread count.
+The Trainer and the reference run in alternating blocks of steps (by default one step per block), so that machine
+noise hits both alike, and each reports the median of its per-block step times. A Trainer step is timed from
+``AFTER_DATALOADER`` to ``BATCH_END``: the reference reuses one batch in memory, and the ``data`` row measures loading.
+MFU is the model's FLOPs per second (``flops_per_batch``) over the rate of a large ``torch.matmul`` measured in the same
+process at the same precision and thread count.
 """
 
 from __future__ import annotations
@@ -76,16 +79,33 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, size: int = 3072, repe
     return 2 * size**3 / min(times)
 
 
+def _clock() -> tuple[float, float]:
+    """Return ``(wall seconds, CPU seconds of this process over all its threads)``."""
+    return time.perf_counter(), time.process_time()
+
+
+def _elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
 def _block_sizes(steps: int, blocks: int) -> list[int]:
     """Split ``steps`` measured steps into ``blocks`` nearly equal blocks (at least one step each)."""
     blocks = max(1, min(blocks, steps))
     return [steps // blocks + (1 if i < steps % blocks else 0) for i in range(blocks)]
 
 
+BlockRunner = Callable[[int], tuple[float, float]]
+
+
 def _interleave(
-    run_trainer_block: Callable[[int], float], run_reference_block: Callable[[int], float], args: argparse.Namespace
-) -> tuple[float, float]:
-    """Run warmup steps, then alternating blocks, and return the median seconds per step of (Trainer, reference)."""
+    run_trainer_block: BlockRunner, run_reference_block: BlockRunner, args: argparse.Namespace
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Run warmup steps, then alternating blocks.
+
+    Each runner takes a number of steps and returns their ``(wall, CPU)`` seconds. Returns the ``(wall, CPU)``
+    seconds per step of every block, for the Trainer and for the reference.
+    """
     if args.warmup > 0:
         run_trainer_block(args.warmup)
         run_reference_block(args.warmup)
@@ -96,13 +116,14 @@ def _interleave(
         if index % 2:
             order.reverse()
         for name, run in order:
-            seconds = run(size) / size
+            wall, cpu = run(size)
+            seconds = (wall / size, cpu / size)
             (trainer_times if name == 'trainer' else reference_times).append(seconds)
-    return statistics.median(trainer_times), statistics.median(reference_times)
+    return trainer_times, reference_times
 
 
 class _StepTimer:
-    """A Composer callback that sums the seconds from ``BEFORE_DATALOADER`` to ``BATCH_END`` of every batch."""
+    """A Composer callback that sums the seconds from ``AFTER_DATALOADER`` to ``BATCH_END`` of every batch."""
 
     def __init__(self, device: str) -> None:
         from composer.core import Callback
@@ -111,21 +132,23 @@ class _StepTimer:
 
         class _Callback(Callback):
             def __init__(self) -> None:
-                self.total = 0.0
-                self._start = 0.0
+                self.total = (0.0, 0.0)
+                self._start = (0.0, 0.0)
 
-            def before_dataloader(self, state, logger) -> None:
+            def after_dataloader(self, state, logger) -> None:
                 _synchronize(device_name)
-                self._start = time.perf_counter()
+                self._start = _clock()
 
             def batch_end(self, state, logger) -> None:
                 _synchronize(device_name)
-                self.total += time.perf_counter() - self._start
+                wall, cpu = _elapsed(self._start)
+                self.total = (self.total[0] + wall, self.total[1] + cpu)
 
         self.callback = _Callback()
 
-    def run(self, trainer: Any, steps: int) -> float:
-        self.callback.total = 0.0
+    def run(self, trainer: Any, steps: int) -> tuple[float, float]:
+        """Train ``steps`` batches and return their total ``(wall, CPU)`` seconds."""
+        self.callback.total = (0.0, 0.0)
         trainer.fit(duration=f'{steps}ba')
         return self.callback.total
 
@@ -174,13 +197,16 @@ def _trainer_loader(args: argparse.Namespace, views: int) -> DataLoader:
 
 
 def _create_vit(args: argparse.Namespace, model: str | None = None) -> Any:
-    from composer_maect.models.vit import create_encoder
+    from composer_maect.models.vit import compile_encoder_blocks, create_encoder
 
     kwargs: dict[str, Any] = {}
     if args.depth is not None:
         kwargs['depth'] = args.depth
     torch.manual_seed(0)
-    return create_encoder(model or args.model, img_size=args.img_size, patch_size=args.patch_size, **kwargs)
+    vit = create_encoder(model or args.model, img_size=args.img_size, patch_size=args.patch_size, **kwargs)
+    if args.compile:
+        compile_encoder_blocks(vit)
+    return vit
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -194,9 +220,8 @@ def _build_tuning_trainer(
 ) -> tuple[Any, Any]:
     """Return ``(trainer, model)`` for the MAE-CT tuning step with in-memory two-view batches."""
     from composer import Trainer
-    from composer.algorithms import EMA
 
-    from composer_maect.algorithms import ContrastiveTuning, LayerwiseUnfreezing
+    from composer_maect.algorithms import EMA, ContrastiveTuning, LayerwiseUnfreezing
     from composer_maect.models.encoder_model import ViTEncoderModel
 
     vit = _create_vit(args, model_name)
@@ -205,7 +230,8 @@ def _build_tuning_trainer(
     algorithms = [
         ContrastiveTuning(queue_size=args.queue_size, topk=20, target_momentum=0.99),
         LayerwiseUnfreezing(num_frozen_blocks=len(vit.blocks) // 2),
-        # Composer 0.32.1's EMA reads self.half_life before setting it unless update_interval is given.
+        # Composer 0.32.1's EMA, and so this subclass, reads self.half_life before setting it unless update_interval
+        # is given.
         EMA(half_life=None, smoothing=0.9999, update_interval='1ba'),
     ]
     trainer = Trainer(
@@ -237,9 +263,9 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
     optimizer = _adamw(vit)
     batch = _make_batch(args.batch, args.img_size, views=2, device=args.device)
 
-    def run(steps: int) -> float:
+    def run(steps: int) -> tuple[float, float]:
         _synchronize(args.device)
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(steps):
             with _autocast(args):
                 tokens = vit.forward_features(torch.cat([batch['view0'], batch['view1']]))  # [2B, 1 + N, D]
@@ -248,7 +274,7 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         _synchronize(args.device)
-        return time.perf_counter() - start
+        return _elapsed(start)
 
     return run
 
@@ -256,15 +282,20 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
 def _throughput_row(
     name: str,
     args: argparse.Namespace,
-    trainer_seconds: float,
-    reference_seconds: float,
+    trainer_times: list[tuple[float, float]],
+    reference_times: list[tuple[float, float]],
     flops_per_batch: int,
     matmul_flops: float,
     config: dict[str, Any],
 ) -> dict[str, Any]:
+    trainer_seconds = statistics.median(wall for wall, _ in trainer_times)
+    reference_seconds = statistics.median(wall for wall, _ in reference_times)
+    trainer_cpu = statistics.median(cpu for _, cpu in trainer_times)
+    reference_cpu = statistics.median(cpu for _, cpu in reference_times)
     return {
         'row': name,
         **config,
+        'compile': args.compile,
         'images_per_s': args.batch / trainer_seconds,
         'reference_images_per_s': args.batch / reference_seconds,
         'overhead_ratio': trainer_seconds / reference_seconds - 1.0,
@@ -272,6 +303,12 @@ def _throughput_row(
         'reference_mfu': flops_per_batch / reference_seconds / matmul_flops,
         'flops_per_batch': flops_per_batch,
         'matmul_flops_per_s': matmul_flops,
+        # CPU seconds of the whole process, which other processes on the machine slow down less than wall time.
+        'cpu_overhead_ratio': trainer_cpu / reference_cpu - 1.0,
+        'step_seconds': [wall for wall, _ in trainer_times],
+        'reference_step_seconds': [wall for wall, _ in reference_times],
+        'step_cpu_seconds': [cpu for _, cpu in trainer_times],
+        'reference_step_cpu_seconds': [cpu for _, cpu in reference_times],
     }
 
 
@@ -280,12 +317,12 @@ def run_tuning(args: argparse.Namespace, matmul_flops: float, model_name: str | 
     timer = _StepTimer(args.device)
     trainer, model = _build_tuning_trainer(args, model_name, [timer.callback])
     reference = _reference_tuning_step(args, model_name)
-    trainer_seconds, reference_seconds = _interleave(lambda n: timer.run(trainer, n), reference, args)
+    trainer_times, reference_times = _interleave(lambda n: timer.run(trainer, n), reference, args)
     flops = model.flops_per_batch(_make_batch(args.batch, args.img_size, views=2, device='cpu'))
     trainer.close()
     config = {'model': model_name or args.model, 'img_size': args.img_size, 'batch': args.batch}
     config['queue_size'] = args.queue_size
-    return _throughput_row('tuning', args, trainer_seconds, reference_seconds, flops, matmul_flops, config)
+    return _throughput_row('tuning', args, trainer_times, reference_times, flops, matmul_flops, config)
 
 
 def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
@@ -311,9 +348,9 @@ def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
     reference_optimizer = _adamw(model)
     batch = _make_batch(args.batch, args.img_size, views=1, device=args.device)
 
-    def run_reference(steps: int) -> float:
+    def run_reference(steps: int) -> tuple[float, float]:
         _synchronize(args.device)
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(steps):
             with _autocast(args):
                 loss = model.loss(model(batch), batch)
@@ -321,13 +358,13 @@ def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
             reference_optimizer.step()
             reference_optimizer.zero_grad(set_to_none=True)
         _synchronize(args.device)
-        return time.perf_counter() - start
+        return _elapsed(start)
 
-    trainer_seconds, reference_seconds = _interleave(lambda n: timer.run(trainer, n), run_reference, args)
+    trainer_times, reference_times = _interleave(lambda n: timer.run(trainer, n), run_reference, args)
     flops = model.flops_per_batch(batch)
     trainer.close()
     config = {'model': args.model, 'img_size': args.img_size, 'batch': args.batch, 'mask_ratio': model.mask_ratio}
-    return _throughput_row('mae', args, trainer_seconds, reference_seconds, flops, matmul_flops, config)
+    return _throughput_row('mae', args, trainer_times, reference_times, flops, matmul_flops, config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,8 +417,51 @@ def _samples_per_second(loader: DataLoader) -> float:
     return samples / elapsed if samples else float('nan')
 
 
+def _jpeg_decoders() -> dict[str, Callable[[bytes], Any]]:
+    """Return the JPEG decoders to compare: the package's PIL decoder and torchvision's ``decode_jpeg``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from composer_maect.data.dataset import decode_image
+
+    def torchvision_decode(data: bytes) -> torch.Tensor:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    return {'PIL': decode_image, 'torchvision.io.decode_jpeg': torchvision_decode}
+
+
+def run_decode(folder: str, transform: Callable, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure decoding plus two views per CPU second, on one thread, for each decoder of ``_jpeg_decoders``.
+
+    A DataLoader worker runs torch on one thread, so this is the rate of one worker without the loader around it.
+    """
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
+    encoded = []
+    for path in paths:
+        with open(path, 'rb') as file:
+            encoded.append(file.read())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for name, decode in _jpeg_decoders().items():
+            start = time.process_time()
+            for data in encoded:
+                image = decode(data)
+                transform(image)
+                transform(image)
+            rate = len(encoded) / (time.process_time() - start)
+            row = {'row': 'decode', 'decoder': name, 'images': len(encoded), 'img_size': args.data_img_size}
+            rows.append({**row, 'samples_per_cpu_s': rate})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def run_data(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Measure two-view samples/s per worker of the MDS loader and of ImageFolder on the same JPEGs."""
+    """Measure two-view samples/s per worker of the MDS loader and of ImageFolder on the same JPEGs.
+
+    Also measures each JPEG decoder with the same two-view transform (``decode`` rows).
+    """
     from composer_maect.data.convert import convert
     from composer_maect.data.dataset import build_image_dataloader
     from composer_maect.data.transforms import build_transform
@@ -425,6 +505,7 @@ def run_data(args: argparse.Namespace) -> list[dict[str, Any]]:
                     'overhead_ratio': folder_rate / mds_rate - 1.0,
                 }
             )
+        rows.extend(run_decode(folder, transform, args))
     return rows
 
 
@@ -563,7 +644,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, default=32, help='images per step (default: 32)')
     parser.add_argument('--queue-size', type=int, default=4096, help='NNCLR queue entries (default: 4096)')
     parser.add_argument('--steps', type=int, default=2, help='measured steps per side (default: 2)')
-    parser.add_argument('--blocks', type=int, default=2, help='alternating blocks the steps are split into')
+    parser.add_argument(
+        '--blocks', type=int, default=None, help='alternating blocks the steps are split into (default: one per step)'
+    )
     parser.add_argument('--warmup', type=int, default=1, help='unmeasured steps per side before timing')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='torch intra-op threads')
     parser.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32')
@@ -576,6 +659,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--memory-models', default=None, help='comma-separated models of the memory row')
     parser.add_argument('--memory-batches', default=None, help='comma-separated batch sizes of the memory row')
     parser.add_argument('--gpu-batch', type=int, default=64, help='images per step of the gpu rows')
+    parser.add_argument(
+        '--compile', action='store_true', help='compile every encoder block with torch.compile (first steps are slow)'
+    )
     parser.add_argument('--memory-probe', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--grad-checkpointing', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -585,6 +671,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f'unknown rows {unknown}; choose among {list(ROW_NAMES)}.')
     args.rows = rows
+    if args.blocks is None:
+        args.blocks = args.steps
     for name in ('batch', 'steps', 'threads', 'queue_size', 'img_size', 'blocks'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
@@ -608,6 +696,10 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
             maect = f'{row["samples_per_s_per_worker"]:.1f} samples/s/worker (MDS)'
             reference = f'{row["reference_samples_per_s_per_worker"]:.1f} (ImageFolder)'
             overhead, mfu = f'{row["overhead_ratio"]:+.3f}', '-'
+        elif row['row'] == 'decode':
+            config = f'{row["decoder"]} img={row["img_size"]} images={row["images"]}'
+            maect = f'{row["samples_per_cpu_s"]:.1f} samples/CPU s (decode + 2 views, 1 thread)'
+            reference, overhead, mfu = '-', '-', '-'
         elif row['row'] == 'memory':
             config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]} ckpt={row["grad_checkpointing"]}'
             maect, reference, overhead, mfu = f'{row["peak_mib"]:.0f} MiB peak', '-', '-', '-'
@@ -615,7 +707,7 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
             config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]}'
             maect = f'{row["images_per_s"]:.2f} img/s'
             reference = f'{row["reference_images_per_s"]:.2f} img/s'
-            overhead = f'{row["overhead_ratio"]:+.3f}'
+            overhead = f'{row["overhead_ratio"]:+.3f} (cpu {row["cpu_overhead_ratio"]:+.3f})'
             mfu = f'{row["mfu"]:.3f} (ref {row["reference_mfu"]:.3f})'
         cells = [row['row'], config, maect, reference, overhead, mfu]
         lines.append([*cells, row['device'], row['precision'], str(row['threads']), row['command']])
