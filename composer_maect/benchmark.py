@@ -21,6 +21,7 @@ process at the same precision and thread count.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -602,6 +603,10 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure ViT-L/16 and ViT-H/14 tuning steps in bf16 on one GPU, stopping once 5 minutes are used.
 
+    Each row has the images/s and MFU of ``run_tuning`` and ``peak_mib``, the peak allocated CUDA memory of a
+    separate 2-step run of the Trainer alone (``probe_memory``). One GPU is one rank, so FSDP would not shard
+    anything and is not used.
+
     NOTE: this path has not been run on a GPU yet. The time budget is checked only between models, so one slow model
     can exceed it.
     """
@@ -622,7 +627,14 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         row = run_tuning(gpu_args, matmul, model_name=model)
         row.update({'row': 'gpu', 'device': 'cuda', 'precision': 'bf16'})
+        # Free the timed Trainer and reference first, so that the probe's peak counts only its own tensors.
+        gc.collect()
+        torch.cuda.empty_cache()
+        probe_args = argparse.Namespace(**vars(gpu_args))
+        probe_args.model = model
+        row['peak_mib'] = probe_memory(probe_args)['peak_bytes'] / 2**20
         rows.append(row)
+        gc.collect()
         torch.cuda.empty_cache()
     return rows
 
@@ -706,6 +718,8 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
         else:
             config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]}'
             maect = f'{row["images_per_s"]:.2f} img/s'
+            if 'peak_mib' in row:
+                maect += f', {row["peak_mib"]:.0f} MiB peak'
             reference = f'{row["reference_images_per_s"]:.2f} img/s'
             overhead = f'{row["overhead_ratio"]:+.3f} (cpu {row["cpu_overhead_ratio"]:+.3f})'
             mfu = f'{row["mfu"]:.3f} (ref {row["reference_mfu"]:.3f})'
