@@ -313,17 +313,66 @@ def _throughput_row(
     }
 
 
+# (component, file name, function name) of the functions whose cumulative time --profile reports. Entries nest: the
+# whole step contains the next rows up to the AdamW update, and the head forward includes the target projector.
+PROFILED_FUNCTIONS = (
+    ('whole Trainer step', 'trainer.py', '_train_batch'),
+    ('encoder forward, 2 views', 'vision_transformer.py', 'forward_features'),
+    ('NNCLR head forward, 2 views', 'nnclr_head.py', 'forward'),
+    ('queue lookup, 2 views', 'queue.py', 'find_nn'),
+    ('NNCLR loss', 'losses.py', 'nnclr_loss'),
+    ('neighbour accuracy', 'queue.py', 'nn_accuracy'),
+    ('enqueue', 'queue.py', 'enqueue'),
+    ('backward', 'graph.py', '_engine_run_backward'),
+    ('AdamW update', 'adam.py', 'adam'),
+    ('BATCH_END of ContrastiveTuning', 'contrastive_tuning.py', '_after_step'),
+    ('target projector EMA', 'nnclr_head.py', 'update_target'),
+    ('encoder and head EMA', 'ema.py', '_update'),
+)
+
+
+def _profile_components(run: Callable[[], Any]) -> dict[str, float]:
+    """Run ``run`` under cProfile and return the cumulative seconds of each ``PROFILED_FUNCTIONS`` entry it called."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive calls, total, cumulative, ...)}
+    seconds = {}
+    for component, file_name, function in PROFILED_FUNCTIONS:
+        matches = [
+            entry[3]
+            for (path, _, name), entry in stats.items()
+            if name == function and os.path.basename(path) == file_name
+        ]
+        if matches:
+            seconds[component] = sum(matches)
+    return seconds
+
+
 def run_tuning(args: argparse.Namespace, matmul_flops: float, model_name: str | None = None) -> dict[str, Any]:
     """Measure the MAE-CT tuning step in a Trainer against the plain reference loop."""
     timer = _StepTimer(args.device)
     trainer, model = _build_tuning_trainer(args, model_name, [timer.callback])
     reference = _reference_tuning_step(args, model_name)
     trainer_times, reference_times = _interleave(lambda n: timer.run(trainer, n), reference, args)
+    profile = None
+    if args.profile:
+        profile = {
+            'trainer': _profile_components(lambda: timer.run(trainer, 1)),
+            'reference': _profile_components(lambda: reference(1)),
+        }
     flops = model.flops_per_batch(_make_batch(args.batch, args.img_size, views=2, device='cpu'))
     trainer.close()
     config = {'model': model_name or args.model, 'img_size': args.img_size, 'batch': args.batch}
     config['queue_size'] = args.queue_size
-    return _throughput_row('tuning', args, trainer_times, reference_times, flops, matmul_flops, config)
+    row = _throughput_row('tuning', args, trainer_times, reference_times, flops, matmul_flops, config)
+    if profile is not None:
+        row['profile_seconds'] = profile
+    return row
 
 
 def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
@@ -674,6 +723,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         '--compile', action='store_true', help='compile every encoder block with torch.compile (first steps are slow)'
     )
+    parser.add_argument(
+        '--profile',
+        action='store_true',
+        help='after timing, profile one more step of each side of the tuning row with cProfile and print the seconds '
+        'of its parts',
+    )
     parser.add_argument('--memory-probe', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--grad-checkpointing', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -731,6 +786,15 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
     return '\n'.join([header, '-' * len(header), *body])
 
 
+def _format_profile(row: dict[str, Any]) -> str:
+    profile = row['profile_seconds']
+    lines = [f'{row["row"]} step parts in seconds (cProfile, one step each; parts nest):']
+    for component, _, _ in PROFILED_FUNCTIONS:
+        cells = [f'{profile[side][component]:8.3f}' if component in profile[side] else '       -' for side in profile]
+        lines.append(f'  {component:34s} trainer {cells[0]}  reference {cells[1]}')
+    return '\n'.join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark CLI: print one table and optionally write the rows as JSON. Returns the exit status."""
     args = _parse_args(argv)
@@ -761,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
 
     print(_format_table(rows))
+    for row in rows:
+        if 'profile_seconds' in row:
+            print(_format_profile(row))
     if args.json:
         with open(args.json, 'w') as file:
             json.dump({'command': command, 'matmul_flops_per_s': matmul, 'rows': rows}, file, indent=2)

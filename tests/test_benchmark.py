@@ -51,7 +51,7 @@ TINY_ARGS = [
 @pytest.fixture(scope='module')
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp('benchmark') / 'rows.json'
-    status = benchmark.main([*TINY_ARGS, '--rows', 'tuning,mae,data', '--json', str(out)])
+    status = benchmark.main([*TINY_ARGS, '--rows', 'tuning,mae,data', '--profile', '--json', str(out)])
     assert status == 0
     with open(out) as file:
         return json.load(file)
@@ -112,6 +112,14 @@ def test_throughput_row_step_times(report, name):
     assert row['batch'] / row['images_per_s'] == pytest.approx(statistics.median(row['step_seconds']))
     assert row['cpu_overhead_ratio'] > -1
     assert row['compile'] is False
+
+
+def test_profile_names_step_parts(report):
+    profile = next(row for row in report['rows'] if row['row'] == 'tuning')['profile_seconds']
+    for part in ('whole Trainer step', 'queue lookup, 2 views', 'enqueue', 'encoder and head EMA'):
+        assert profile['trainer'][part] > 0, part
+    assert 'enqueue' not in profile['reference']
+    assert profile['reference']['encoder forward, 2 views'] > 0
 
 
 def test_decode_rows_compare_decoders(report):
