@@ -2,8 +2,8 @@
 
 Composer 0.32.1's ``EMA`` averages every trainable parameter and every buffer with two temporaries and a copy per
 tensor. Its buffers include the NNCLR queue (65,536 x 256 floats in MAE-CT), whose average means nothing, and the
-queue's integer pointers and ids, which the float average truncates. On a 2-core CPU that update took about 6 % of a
-ViT-B/16 tuning step at batch 8 (measured with ``python -m composer_maect.benchmark``).
+queue's integer pointers and ids, which the float average truncates. In a cProfile of one ViT-B/16 tuning step at
+batch 8 on a 2-core CPU, that update took about 6 % of the step.
 
 This subclass keeps Composer's events, swaps and checkpoint state, and changes only what it averages and how:
 
