@@ -13,7 +13,8 @@ Run ``python -m composer_maect.benchmark --help`` for the options. Rows:
 
 The Trainer and the reference run in alternating blocks of steps (by default one step per block), so that machine
 noise hits both alike, and each reports the median of its per-block step times. A Trainer step is timed from
-``AFTER_DATALOADER`` to ``BATCH_END``: the reference reuses one batch in memory, and the ``data`` row measures loading.
+``AFTER_DATALOADER`` to ``BATCH_END``, which includes Composer's copy of the batch to the device. The reference copies
+one batch from host memory each step, and the ``data`` row measures loading.
 MFU is the model's FLOPs per second (``flops_per_batch``) over the rate of a large ``torch.matmul`` measured in the same
 process at the same precision and thread count.
 """
@@ -191,7 +192,21 @@ def _make_batch(batch_size: int, img_size: int, views: int, device: str) -> dict
 def _trainer_loader(args: argparse.Namespace, views: int) -> DataLoader:
     total_steps = args.warmup + args.steps + 1
     dataset = _RepeatedImages(args.batch * total_steps, args.img_size, views)
-    return DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True)
+    pin_memory = args.device == 'cuda'
+    return DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True, pin_memory=pin_memory)
+
+
+def _host_batch(args: argparse.Namespace, views: int) -> dict[str, torch.Tensor]:
+    """Return a reference batch in host memory, pinned on CUDA like the Trainer's loader batches."""
+    batch = _make_batch(args.batch, args.img_size, views, device='cpu')
+    if args.device == 'cuda':
+        batch = {key: value.pin_memory() for key, value in batch.items()}
+    return batch
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    # Composer copies every batch to the device inside the timed step, so the reference copies its batch too.
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -264,12 +279,13 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
     vit = _create_vit(args, model_name).to(args.device)
     freeze_lower_layers(vit, len(vit.blocks) // 2)
     optimizer = _adamw(vit)
-    batch = _make_batch(args.batch, args.img_size, views=2, device=args.device)
+    host_batch = _host_batch(args, views=2)
 
     def run(steps: int) -> tuple[float, float]:
         _synchronize(args.device)
         start = _clock()
         for _ in range(steps):
+            batch = _to_device(host_batch, args.device)
             with _autocast(args):
                 tokens = vit.forward_features(torch.cat([batch['view0'], batch['view1']]))  # [2B, 1 + N, D]
                 loss = tokens[:, 0].float().mean()
@@ -398,12 +414,13 @@ def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
     )
     # The reference drives the very model the Trainer holds, with its own optimizer state.
     reference_optimizer = _adamw(model)
-    batch = _make_batch(args.batch, args.img_size, views=1, device=args.device)
+    host_batch = _host_batch(args, views=1)
 
     def run_reference(steps: int) -> tuple[float, float]:
         _synchronize(args.device)
         start = _clock()
         for _ in range(steps):
+            batch = _to_device(host_batch, args.device)
             with _autocast(args):
                 loss = model.loss(model(batch), batch)
             loss.backward()
@@ -413,7 +430,7 @@ def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
         return _elapsed(start)
 
     trainer_times, reference_times = _interleave(lambda n: timer.run(trainer, n), run_reference, args)
-    flops = model.flops_per_batch(batch)
+    flops = model.flops_per_batch(host_batch)
     trainer.close()
     config = {'model': args.model, 'img_size': args.img_size, 'batch': args.batch, 'mask_ratio': model.mask_ratio}
     return _throughput_row('mae', args, trainer_times, reference_times, flops, matmul_flops, config)
