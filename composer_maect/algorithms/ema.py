@@ -18,8 +18,6 @@ runs with Composer's ``EMA`` therefore resume with this one and the other way ro
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from composer.algorithms import EMA as ComposerEMA
 from composer.algorithms.ema.ema import EMAParameters, get_model_context_manager
@@ -28,8 +26,6 @@ from composer.loggers import Logger
 from torch import nn
 
 __all__ = ['EMA', 'lerp_towards']
-
-log = logging.getLogger(__name__)
 
 
 def lerp_towards(averages: list[torch.Tensor], values: list[torch.Tensor], smoothing: float) -> None:

@@ -146,7 +146,7 @@ class NNCLRHead(nn.Module):
         params = [param.detach() for param in self.projector.parameters()]
         if len(targets) != len(params):
             raise RuntimeError(f'The target projector has {len(targets)} parameters but the projector {len(params)}.')
-        # One foreach call per operation instead of two kernels per parameter; the arithmetic is the same.
+        # One foreach call per operation replaces two kernels per parameter, with the same arithmetic.
         torch._foreach_mul_(targets, momentum)
         torch._foreach_add_(targets, params, alpha=1.0 - momentum)
         for target_buffer, buffer in zip(target.buffers(), self.projector.buffers(), strict=True):
