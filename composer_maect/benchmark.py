@@ -3,21 +3,26 @@
 Run ``python -m composer_maect.benchmark --help`` for the options. Rows:
 
 - ``tuning``: a contrastive tuning step in a ``composer.Trainer`` (``ViTEncoderModel`` with ``ContrastiveTuning``,
-  ``LayerwiseUnfreezing`` of the lower half and Composer's ``EMA``). The reference is a plain loop over the same timm
-  ViT with the same frozen blocks: two views, a trivial loss (mean of the pooled features) and an AdamW step.
+  ``LayerwiseUnfreezing`` of the lower half and the package's ``EMA``). The reference is a plain loop over the same
+  timm ViT with the same frozen blocks: two views, a trivial loss (mean of the pooled features) and an AdamW step.
+  ``--compile`` compiles the encoder blocks of both sides with ``torch.compile``.
 - ``mae``: an ``MAEModel`` step in a Trainer against a plain loop over the same model's forward, loss and backward.
 - ``data``: two-view samples/s per worker from MDS shards of JPEGs against torchvision's ``ImageFolder``.
 - ``memory``: peak memory of the tuning step, with and without activation checkpointing, one subprocess each.
 - ``gpu``: ViT-L/16 and ViT-H/14 tuning steps in bf16 on one CUDA device; skipped when CUDA is absent.
 
-The Trainer and the reference run in alternating blocks of steps, so that machine noise hits both alike, and each
-reports the median of its per-block step times. MFU is the model's FLOPs per second (``flops_per_batch``) over the
-rate of a large ``torch.matmul`` measured in the same process at the same precision and thread count.
+The Trainer and the reference run in alternating blocks of steps (by default one step per block), so that machine
+noise hits both alike, and each reports the median of its per-block step times. A Trainer step is timed from
+``AFTER_DATALOADER`` to ``BATCH_END``, which includes Composer's copy of the batch to the device. The reference copies
+one batch from host memory each step, and the ``data`` row measures loading.
+MFU is the model's FLOPs per second (``flops_per_batch``) over the rate of a large ``torch.matmul`` measured in the same
+process at the same precision and thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -45,6 +50,8 @@ GPU_MODELS = ('vit_large_patch16', 'vit_huge_patch14')
 GPU_TIME_BUDGET_S = 300.0
 DATA_NUM_WORKERS = (0, 1)
 DATA_IMAGE_SIZE = 256
+# Passes over the JPEGs per loader in the data row.
+DATA_PASSES = 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,16 +83,33 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, size: int = 3072, repe
     return 2 * size**3 / min(times)
 
 
+def _clock() -> tuple[float, float]:
+    """Return ``(wall seconds, CPU seconds of this process over all its threads)``."""
+    return time.perf_counter(), time.process_time()
+
+
+def _elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
 def _block_sizes(steps: int, blocks: int) -> list[int]:
     """Split ``steps`` measured steps into ``blocks`` nearly equal blocks (at least one step each)."""
     blocks = max(1, min(blocks, steps))
     return [steps // blocks + (1 if i < steps % blocks else 0) for i in range(blocks)]
 
 
+BlockRunner = Callable[[int], tuple[float, float]]
+
+
 def _interleave(
-    run_trainer_block: Callable[[int], float], run_reference_block: Callable[[int], float], args: argparse.Namespace
-) -> tuple[float, float]:
-    """Run warmup steps, then alternating blocks, and return the median seconds per step of (Trainer, reference)."""
+    run_trainer_block: BlockRunner, run_reference_block: BlockRunner, args: argparse.Namespace
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Run warmup steps, then alternating blocks.
+
+    Each runner takes a number of steps and returns their ``(wall, CPU)`` seconds. Returns the ``(wall, CPU)``
+    seconds per step of every block, for the Trainer and for the reference.
+    """
     if args.warmup > 0:
         run_trainer_block(args.warmup)
         run_reference_block(args.warmup)
@@ -96,13 +120,14 @@ def _interleave(
         if index % 2:
             order.reverse()
         for name, run in order:
-            seconds = run(size) / size
+            wall, cpu = run(size)
+            seconds = (wall / size, cpu / size)
             (trainer_times if name == 'trainer' else reference_times).append(seconds)
-    return statistics.median(trainer_times), statistics.median(reference_times)
+    return trainer_times, reference_times
 
 
 class _StepTimer:
-    """A Composer callback that sums the seconds from ``BEFORE_DATALOADER`` to ``BATCH_END`` of every batch."""
+    """A Composer callback that sums the seconds from ``AFTER_DATALOADER`` to ``BATCH_END`` of every batch."""
 
     def __init__(self, device: str) -> None:
         from composer.core import Callback
@@ -111,21 +136,23 @@ class _StepTimer:
 
         class _Callback(Callback):
             def __init__(self) -> None:
-                self.total = 0.0
-                self._start = 0.0
+                self.total = (0.0, 0.0)
+                self._start = (0.0, 0.0)
 
-            def before_dataloader(self, state, logger) -> None:
+            def after_dataloader(self, state, logger) -> None:
                 _synchronize(device_name)
-                self._start = time.perf_counter()
+                self._start = _clock()
 
             def batch_end(self, state, logger) -> None:
                 _synchronize(device_name)
-                self.total += time.perf_counter() - self._start
+                wall, cpu = _elapsed(self._start)
+                self.total = (self.total[0] + wall, self.total[1] + cpu)
 
         self.callback = _Callback()
 
-    def run(self, trainer: Any, steps: int) -> float:
-        self.callback.total = 0.0
+    def run(self, trainer: Any, steps: int) -> tuple[float, float]:
+        """Train ``steps`` batches and return their total ``(wall, CPU)`` seconds."""
+        self.callback.total = (0.0, 0.0)
         trainer.fit(duration=f'{steps}ba')
         return self.callback.total
 
@@ -165,7 +192,21 @@ def _make_batch(batch_size: int, img_size: int, views: int, device: str) -> dict
 def _trainer_loader(args: argparse.Namespace, views: int) -> DataLoader:
     total_steps = args.warmup + args.steps + 1
     dataset = _RepeatedImages(args.batch * total_steps, args.img_size, views)
-    return DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True)
+    pin_memory = args.device == 'cuda'
+    return DataLoader(dataset, batch_size=args.batch, shuffle=False, drop_last=True, pin_memory=pin_memory)
+
+
+def _host_batch(args: argparse.Namespace, views: int) -> dict[str, torch.Tensor]:
+    """Return a reference batch in host memory, pinned on CUDA like the Trainer's loader batches."""
+    batch = _make_batch(args.batch, args.img_size, views, device='cpu')
+    if args.device == 'cuda':
+        batch = {key: value.pin_memory() for key, value in batch.items()}
+    return batch
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    # Composer copies every batch to the device inside the timed step, so the reference copies its batch too.
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -174,13 +215,16 @@ def _trainer_loader(args: argparse.Namespace, views: int) -> DataLoader:
 
 
 def _create_vit(args: argparse.Namespace, model: str | None = None) -> Any:
-    from composer_maect.models.vit import create_encoder
+    from composer_maect.models.vit import compile_encoder_blocks, create_encoder
 
     kwargs: dict[str, Any] = {}
     if args.depth is not None:
         kwargs['depth'] = args.depth
     torch.manual_seed(0)
-    return create_encoder(model or args.model, img_size=args.img_size, patch_size=args.patch_size, **kwargs)
+    vit = create_encoder(model or args.model, img_size=args.img_size, patch_size=args.patch_size, **kwargs)
+    if args.compile:
+        compile_encoder_blocks(vit)
+    return vit
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -194,9 +238,8 @@ def _build_tuning_trainer(
 ) -> tuple[Any, Any]:
     """Return ``(trainer, model)`` for the MAE-CT tuning step with in-memory two-view batches."""
     from composer import Trainer
-    from composer.algorithms import EMA
 
-    from composer_maect.algorithms import ContrastiveTuning, LayerwiseUnfreezing
+    from composer_maect.algorithms import EMA, ContrastiveTuning, LayerwiseUnfreezing
     from composer_maect.models.encoder_model import ViTEncoderModel
 
     vit = _create_vit(args, model_name)
@@ -205,7 +248,8 @@ def _build_tuning_trainer(
     algorithms = [
         ContrastiveTuning(queue_size=args.queue_size, topk=20, target_momentum=0.99),
         LayerwiseUnfreezing(num_frozen_blocks=len(vit.blocks) // 2),
-        # Composer 0.32.1's EMA reads self.half_life before setting it unless update_interval is given.
+        # Composer 0.32.1's EMA, and so this subclass, reads self.half_life before setting it unless update_interval
+        # is given.
         EMA(half_life=None, smoothing=0.9999, update_interval='1ba'),
     ]
     trainer = Trainer(
@@ -235,12 +279,13 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
     vit = _create_vit(args, model_name).to(args.device)
     freeze_lower_layers(vit, len(vit.blocks) // 2)
     optimizer = _adamw(vit)
-    batch = _make_batch(args.batch, args.img_size, views=2, device=args.device)
+    host_batch = _host_batch(args, views=2)
 
-    def run(steps: int) -> float:
+    def run(steps: int) -> tuple[float, float]:
         _synchronize(args.device)
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(steps):
+            batch = _to_device(host_batch, args.device)
             with _autocast(args):
                 tokens = vit.forward_features(torch.cat([batch['view0'], batch['view1']]))  # [2B, 1 + N, D]
                 loss = tokens[:, 0].float().mean()
@@ -248,7 +293,7 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         _synchronize(args.device)
-        return time.perf_counter() - start
+        return _elapsed(start)
 
     return run
 
@@ -256,15 +301,20 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
 def _throughput_row(
     name: str,
     args: argparse.Namespace,
-    trainer_seconds: float,
-    reference_seconds: float,
+    trainer_times: list[tuple[float, float]],
+    reference_times: list[tuple[float, float]],
     flops_per_batch: int,
     matmul_flops: float,
     config: dict[str, Any],
 ) -> dict[str, Any]:
+    trainer_seconds = statistics.median(wall for wall, _ in trainer_times)
+    reference_seconds = statistics.median(wall for wall, _ in reference_times)
+    trainer_cpu = statistics.median(cpu for _, cpu in trainer_times)
+    reference_cpu = statistics.median(cpu for _, cpu in reference_times)
     return {
         'row': name,
         **config,
+        'compile': args.compile,
         'images_per_s': args.batch / trainer_seconds,
         'reference_images_per_s': args.batch / reference_seconds,
         'overhead_ratio': trainer_seconds / reference_seconds - 1.0,
@@ -272,7 +322,53 @@ def _throughput_row(
         'reference_mfu': flops_per_batch / reference_seconds / matmul_flops,
         'flops_per_batch': flops_per_batch,
         'matmul_flops_per_s': matmul_flops,
+        # CPU seconds of the whole process, which other processes on the machine slow down less than wall time.
+        'cpu_overhead_ratio': trainer_cpu / reference_cpu - 1.0,
+        'step_seconds': [wall for wall, _ in trainer_times],
+        'reference_step_seconds': [wall for wall, _ in reference_times],
+        'step_cpu_seconds': [cpu for _, cpu in trainer_times],
+        'reference_step_cpu_seconds': [cpu for _, cpu in reference_times],
     }
+
+
+# (component, file name, function name) of the functions whose cumulative time --profile reports. Entries nest: the
+# whole step contains the next rows up to the AdamW update, and the head forward includes the target projector.
+PROFILED_FUNCTIONS = (
+    ('whole Trainer step', 'trainer.py', '_train_batch'),
+    ('encoder forward, 2 views', 'vision_transformer.py', 'forward_features'),
+    ('NNCLR head forward, 2 views', 'nnclr_head.py', 'forward'),
+    ('queue lookup, 2 views', 'queue.py', 'find_nn'),
+    ('NNCLR loss', 'losses.py', 'nnclr_loss'),
+    ('neighbour accuracy', 'queue.py', 'nn_accuracy'),
+    ('enqueue', 'queue.py', 'enqueue'),
+    ('backward', 'graph.py', '_engine_run_backward'),
+    ('AdamW update', 'adam.py', 'adam'),
+    ('BATCH_END of ContrastiveTuning', 'contrastive_tuning.py', '_after_step'),
+    ('target projector EMA', 'nnclr_head.py', 'update_target'),
+    ('encoder and head EMA', 'ema.py', '_update'),
+)
+
+
+def _profile_components(run: Callable[[], Any]) -> dict[str, float]:
+    """Run ``run`` under cProfile and return the cumulative seconds of each ``PROFILED_FUNCTIONS`` entry it called."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive calls, total, cumulative, ...)}
+    seconds = {}
+    for component, file_name, function in PROFILED_FUNCTIONS:
+        matches = [
+            entry[3]
+            for (path, _, name), entry in stats.items()
+            if name == function and os.path.basename(path) == file_name
+        ]
+        if matches:
+            seconds[component] = sum(matches)
+    return seconds
 
 
 def run_tuning(args: argparse.Namespace, matmul_flops: float, model_name: str | None = None) -> dict[str, Any]:
@@ -280,12 +376,21 @@ def run_tuning(args: argparse.Namespace, matmul_flops: float, model_name: str | 
     timer = _StepTimer(args.device)
     trainer, model = _build_tuning_trainer(args, model_name, [timer.callback])
     reference = _reference_tuning_step(args, model_name)
-    trainer_seconds, reference_seconds = _interleave(lambda n: timer.run(trainer, n), reference, args)
+    trainer_times, reference_times = _interleave(lambda n: timer.run(trainer, n), reference, args)
+    profile = None
+    if args.profile:
+        profile = {
+            'trainer': _profile_components(lambda: timer.run(trainer, 1)),
+            'reference': _profile_components(lambda: reference(1)),
+        }
     flops = model.flops_per_batch(_make_batch(args.batch, args.img_size, views=2, device='cpu'))
     trainer.close()
     config = {'model': model_name or args.model, 'img_size': args.img_size, 'batch': args.batch}
     config['queue_size'] = args.queue_size
-    return _throughput_row('tuning', args, trainer_seconds, reference_seconds, flops, matmul_flops, config)
+    row = _throughput_row('tuning', args, trainer_times, reference_times, flops, matmul_flops, config)
+    if profile is not None:
+        row['profile_seconds'] = profile
+    return row
 
 
 def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
@@ -309,25 +414,26 @@ def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
     )
     # The reference drives the very model the Trainer holds, with its own optimizer state.
     reference_optimizer = _adamw(model)
-    batch = _make_batch(args.batch, args.img_size, views=1, device=args.device)
+    host_batch = _host_batch(args, views=1)
 
-    def run_reference(steps: int) -> float:
+    def run_reference(steps: int) -> tuple[float, float]:
         _synchronize(args.device)
-        start = time.perf_counter()
+        start = _clock()
         for _ in range(steps):
+            batch = _to_device(host_batch, args.device)
             with _autocast(args):
                 loss = model.loss(model(batch), batch)
             loss.backward()
             reference_optimizer.step()
             reference_optimizer.zero_grad(set_to_none=True)
         _synchronize(args.device)
-        return time.perf_counter() - start
+        return _elapsed(start)
 
-    trainer_seconds, reference_seconds = _interleave(lambda n: timer.run(trainer, n), run_reference, args)
-    flops = model.flops_per_batch(batch)
+    trainer_times, reference_times = _interleave(lambda n: timer.run(trainer, n), run_reference, args)
+    flops = model.flops_per_batch(host_batch)
     trainer.close()
     config = {'model': args.model, 'img_size': args.img_size, 'batch': args.batch, 'mask_ratio': model.mask_ratio}
-    return _throughput_row('mae', args, trainer_seconds, reference_seconds, flops, matmul_flops, config)
+    return _throughput_row('mae', args, trainer_times, reference_times, flops, matmul_flops, config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,8 +486,51 @@ def _samples_per_second(loader: DataLoader) -> float:
     return samples / elapsed if samples else float('nan')
 
 
+def _jpeg_decoders() -> dict[str, Callable[[bytes], Any]]:
+    """Return the JPEG decoders to compare: the package's PIL decoder and torchvision's ``decode_jpeg``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from composer_maect.data.dataset import decode_image
+
+    def torchvision_decode(data: bytes) -> torch.Tensor:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    return {'PIL': decode_image, 'torchvision.io.decode_jpeg': torchvision_decode}
+
+
+def run_decode(folder: str, transform: Callable, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure decoding plus two views per CPU second, on one thread, for each decoder of ``_jpeg_decoders``.
+
+    A DataLoader worker runs torch on one thread, so this is the rate of one worker without the loader around it.
+    """
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
+    encoded = []
+    for path in paths:
+        with open(path, 'rb') as file:
+            encoded.append(file.read())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for name, decode in _jpeg_decoders().items():
+            start = time.process_time()
+            for data in encoded:
+                image = decode(data)
+                transform(image)
+                transform(image)
+            rate = len(encoded) / (time.process_time() - start)
+            row = {'row': 'decode', 'decoder': name, 'images': len(encoded), 'img_size': args.data_img_size}
+            rows.append({**row, 'samples_per_cpu_s': rate})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def run_data(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Measure two-view samples/s per worker of the MDS loader and of ImageFolder on the same JPEGs."""
+    """Measure two-view samples/s per worker of the MDS loader and of ImageFolder on the same JPEGs.
+
+    Also measures each JPEG decoder with the same two-view transform (``decode`` rows).
+    """
     from composer_maect.data.convert import convert
     from composer_maect.data.dataset import build_image_dataloader
     from composer_maect.data.transforms import build_transform
@@ -409,8 +558,16 @@ def run_data(args: argparse.Namespace) -> list[dict[str, Any]]:
                 num_workers=num_workers,
                 drop_last=True,
             )
-            mds_rate = _samples_per_second(mds_loader)
-            folder_rate = _samples_per_second(folder_loader)
+            # Alternate the two loaders, as the model rows alternate their sides, and keep the median pass of each.
+            mds_rates, folder_rates = [], []
+            for repeat in range(DATA_PASSES):
+                if repeat % 2:
+                    folder_rates.append(_samples_per_second(folder_loader))
+                    mds_rates.append(_samples_per_second(mds_loader))
+                else:
+                    mds_rates.append(_samples_per_second(mds_loader))
+                    folder_rates.append(_samples_per_second(folder_loader))
+            mds_rate, folder_rate = statistics.median(mds_rates), statistics.median(folder_rates)
             del mds_loader
             workers = max(1, num_workers)  # With 0 workers the main process does the loading.
             rows.append(
@@ -425,6 +582,7 @@ def run_data(args: argparse.Namespace) -> list[dict[str, Any]]:
                     'overhead_ratio': folder_rate / mds_rate - 1.0,
                 }
             )
+        rows.extend(run_decode(folder, transform, args))
     return rows
 
 
@@ -521,6 +679,10 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure ViT-L/16 and ViT-H/14 tuning steps in bf16 on one GPU, stopping once 5 minutes are used.
 
+    Each row has the images/s and MFU of ``run_tuning`` and ``peak_mib``, the peak allocated CUDA memory of a
+    separate 2-step run of the Trainer alone (``probe_memory``). One GPU is one rank, so FSDP would not shard
+    anything and is not used.
+
     NOTE: this path has not been run on a GPU yet. The time budget is checked only between models, so one slow model
     can exceed it.
     """
@@ -541,7 +703,14 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         row = run_tuning(gpu_args, matmul, model_name=model)
         row.update({'row': 'gpu', 'device': 'cuda', 'precision': 'bf16'})
+        # Free the timed Trainer and reference first, so that the probe's peak counts only its own tensors.
+        gc.collect()
+        torch.cuda.empty_cache()
+        probe_args = argparse.Namespace(**vars(gpu_args))
+        probe_args.model = model
+        row['peak_mib'] = probe_memory(probe_args)['peak_bytes'] / 2**20
         rows.append(row)
+        gc.collect()
         torch.cuda.empty_cache()
     return rows
 
@@ -563,7 +732,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, default=32, help='images per step (default: 32)')
     parser.add_argument('--queue-size', type=int, default=4096, help='NNCLR queue entries (default: 4096)')
     parser.add_argument('--steps', type=int, default=2, help='measured steps per side (default: 2)')
-    parser.add_argument('--blocks', type=int, default=2, help='alternating blocks the steps are split into')
+    parser.add_argument(
+        '--blocks', type=int, default=None, help='alternating blocks the steps are split into (default: one per step)'
+    )
     parser.add_argument('--warmup', type=int, default=1, help='unmeasured steps per side before timing')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='torch intra-op threads')
     parser.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32')
@@ -576,6 +747,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--memory-models', default=None, help='comma-separated models of the memory row')
     parser.add_argument('--memory-batches', default=None, help='comma-separated batch sizes of the memory row')
     parser.add_argument('--gpu-batch', type=int, default=64, help='images per step of the gpu rows')
+    parser.add_argument(
+        '--compile', action='store_true', help='compile every encoder block with torch.compile (first steps are slow)'
+    )
+    parser.add_argument(
+        '--profile',
+        action='store_true',
+        help='after timing, profile one more step of each side of the tuning row with cProfile and print the seconds '
+        'of its parts',
+    )
     parser.add_argument('--memory-probe', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--grad-checkpointing', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -585,6 +765,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f'unknown rows {unknown}; choose among {list(ROW_NAMES)}.')
     args.rows = rows
+    if args.blocks is None:
+        args.blocks = args.steps
     for name in ('batch', 'steps', 'threads', 'queue_size', 'img_size', 'blocks'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
@@ -608,14 +790,20 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
             maect = f'{row["samples_per_s_per_worker"]:.1f} samples/s/worker (MDS)'
             reference = f'{row["reference_samples_per_s_per_worker"]:.1f} (ImageFolder)'
             overhead, mfu = f'{row["overhead_ratio"]:+.3f}', '-'
+        elif row['row'] == 'decode':
+            config = f'{row["decoder"]} img={row["img_size"]} images={row["images"]}'
+            maect = f'{row["samples_per_cpu_s"]:.1f} samples/CPU s (decode + 2 views, 1 thread)'
+            reference, overhead, mfu = '-', '-', '-'
         elif row['row'] == 'memory':
             config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]} ckpt={row["grad_checkpointing"]}'
             maect, reference, overhead, mfu = f'{row["peak_mib"]:.0f} MiB peak', '-', '-', '-'
         else:
             config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]}'
             maect = f'{row["images_per_s"]:.2f} img/s'
+            if 'peak_mib' in row:
+                maect += f', {row["peak_mib"]:.0f} MiB peak'
             reference = f'{row["reference_images_per_s"]:.2f} img/s'
-            overhead = f'{row["overhead_ratio"]:+.3f}'
+            overhead = f'{row["overhead_ratio"]:+.3f} (cpu {row["cpu_overhead_ratio"]:+.3f})'
             mfu = f'{row["mfu"]:.3f} (ref {row["reference_mfu"]:.3f})'
         cells = [row['row'], config, maect, reference, overhead, mfu]
         lines.append([*cells, row['device'], row['precision'], str(row['threads']), row['command']])
@@ -623,6 +811,15 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
     header = ' | '.join(name.ljust(width) for name, width in zip(columns, widths, strict=True))
     body = [' | '.join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
     return '\n'.join([header, '-' * len(header), *body])
+
+
+def _format_profile(row: dict[str, Any]) -> str:
+    profile = row['profile_seconds']
+    lines = [f'{row["row"]} step parts in seconds (cProfile, one step each; parts nest):']
+    for component, _, _ in PROFILED_FUNCTIONS:
+        cells = [f'{profile[side][component]:8.3f}' if component in profile[side] else '       -' for side in profile]
+        lines.append(f'  {component:34s} trainer {cells[0]}  reference {cells[1]}')
+    return '\n'.join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -655,6 +852,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
 
     print(_format_table(rows))
+    for row in rows:
+        if 'profile_seconds' in row:
+            print(_format_profile(row))
     if args.json:
         with open(args.json, 'w') as file:
             json.dump({'command': command, 'matmul_flops_per_s': matmul, 'rows': rows}, file, indent=2)

@@ -60,6 +60,8 @@ class EncoderConfig:
     in_chans: int = 3
     # Further keyword arguments of timm's VisionTransformer, such as depth, embed_dim, num_heads, drop_path_rate.
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Compile every transformer block of the encoder with torch.compile. The first steps take longer while it compiles.
+    compile_blocks: bool = False
 
 
 @dataclass

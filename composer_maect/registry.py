@@ -21,7 +21,7 @@ from composer import loggers as composer_loggers
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 
-from composer_maect.algorithms import ContrastiveTuning, LayerwiseUnfreezing
+from composer_maect.algorithms import EMA, ContrastiveTuning, LayerwiseUnfreezing
 from composer_maect.callbacks import KNNMonitor, ReconstructionImages
 
 __all__ = ['algorithms', 'build', 'callbacks', 'loggers']
@@ -36,7 +36,8 @@ _EXPECTED_TYPES: dict[str, type] = {'algorithms': Algorithm, 'callbacks': Callba
 _REGISTRIES = {'algorithms': algorithms, 'callbacks': callbacks, 'loggers': loggers}
 
 # Composer's own algorithms that apply to a ViT trained with this package.
-algorithms.register('ema', func=composer_algorithms.EMA)
+# The package's EMA: Composer's, with a foreach update of the trainable parameters only.
+algorithms.register('ema', func=EMA)
 algorithms.register('gradient_clipping', func=composer_algorithms.GradientClipping)
 algorithms.register('low_precision_layernorm', func=composer_algorithms.LowPrecisionLayerNorm)
 algorithms.register('contrastive_tuning', func=ContrastiveTuning)

@@ -134,7 +134,7 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel
     from composer_maect.checkpoints import load_encoder_weights
     from composer_maect.models.encoder_model import ViTEncoderModel
     from composer_maect.models.mae import MAEModel
-    from composer_maect.models.vit import create_encoder
+    from composer_maect.models.vit import compile_encoder_blocks, create_encoder
 
     encoder = create_encoder(
         cfg.encoder.name,
@@ -148,6 +148,8 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True) -> ComposerModel
             load_encoder_weights(encoder, cfg.init_from.path, weights=cfg.init_from.weights)
         except ValueError as error:
             raise ConfigError(f"'model.init_from': {error}") from None
+    if cfg.encoder.compile_blocks:
+        compile_encoder_blocks(encoder)
     if cfg.name == 'vit_encoder':
         return ViTEncoderModel(encoder)
     return MAEModel(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -50,7 +51,7 @@ TINY_ARGS = [
 @pytest.fixture(scope='module')
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp('benchmark') / 'rows.json'
-    status = benchmark.main([*TINY_ARGS, '--rows', 'tuning,mae,data', '--json', str(out)])
+    status = benchmark.main([*TINY_ARGS, '--rows', 'tuning,mae,data', '--profile', '--json', str(out)])
     assert status == 0
     with open(out) as file:
         return json.load(file)
@@ -100,6 +101,33 @@ def test_data_row_fields(report):
         assert not missing
         assert row['samples_per_s_per_worker'] > 0
         assert row['reference_samples_per_s_per_worker'] > 0
+
+
+@pytest.mark.parametrize('name', ['tuning', 'mae'])
+def test_throughput_row_step_times(report, name):
+    row = next(row for row in report['rows'] if row['row'] == name)
+    # --steps 2 without --blocks: one block per step, each timed on its own.
+    assert len(row['step_seconds']) == 2
+    assert len(row['reference_step_cpu_seconds']) == 2
+    assert row['batch'] / row['images_per_s'] == pytest.approx(statistics.median(row['step_seconds']))
+    assert row['cpu_overhead_ratio'] > -1
+    assert row['compile'] is False
+
+
+def test_profile_names_step_parts(report):
+    profile = next(row for row in report['rows'] if row['row'] == 'tuning')['profile_seconds']
+    for part in ('whole Trainer step', 'queue lookup, 2 views', 'enqueue', 'encoder and head EMA'):
+        assert profile['trainer'][part] > 0, part
+    assert 'enqueue' not in profile['reference']
+    assert profile['reference']['encoder forward, 2 views'] > 0
+
+
+def test_decode_rows_compare_decoders(report):
+    rows = [row for row in report['rows'] if row['row'] == 'decode']
+    assert [row['decoder'] for row in rows] == ['PIL', 'torchvision.io.decode_jpeg']
+    for row in rows:
+        assert row['images'] == 16
+        assert row['samples_per_cpu_s'] > 0
 
 
 def test_gpu_rows_skip_without_cuda(monkeypatch, capsys):

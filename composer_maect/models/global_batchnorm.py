@@ -32,7 +32,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         local_count = x32.shape[0]
         local_mean = x32.sum(0) / max(local_count, 1)
         local_m2 = ((x32 - local_mean) ** 2).sum(0)
-        local = torch.cat([local_mean, local_m2, x32.new_tensor([local_count])])  # [2C + 1]
+        # torch.full fills on the device. new_tensor([n]) would copy from the host and, on CUDA, wait for the stream.
+        count_column = torch.full((1,), float(local_count), dtype=x32.dtype, device=x32.device)
+        local = torch.cat([local_mean, local_m2, count_column])  # [2C + 1]
         gathered = distributed.all_gather_with_grad(local.unsqueeze(0))  # [world, 2C + 1]
         means, m2s, counts = gathered[:, :channels], gathered[:, channels : 2 * channels], gathered[:, -1:]
         count = counts.sum()

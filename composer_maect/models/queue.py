@@ -141,7 +141,8 @@ class NNQueue(nn.Module):
                 candidates = similarity.topk(topk, dim=1).indices  # [batch, topk]
                 draw_device = generator.device if generator is not None else torch.device('cpu')
                 choice = torch.randint(topk, (batch, 1), generator=generator, device=draw_device)
-                index = candidates.gather(1, choice.to(candidates.device)).squeeze(1)
+                # non_blocking: a blocking copy from host memory to a CUDA device waits for the whole stream.
+                index = candidates.gather(1, choice.to(candidates.device, non_blocking=True)).squeeze(1)
             return queue[index], index
 
     def enqueue(
