@@ -414,12 +414,14 @@ def select_weights(checkpoint: Mapping, weights: Weights = 'raw') -> dict[str, t
     }
     sharded = [key for key, value in other.items() if _is_dtensor(value)]
     if sharded:
-        # Composer 0.32.1 pickles algorithm state, so a checkpoint keeps one rank's FSDP2 shard of it (rank 0's).
+        # Composer 0.32.1 pickles algorithm state, so a checkpoint of Composer's own EMA under FSDP2 keeps one rank's
+        # shard of it (rank 0's). The package's EMA stores full tensors instead.
         available = 'ema' if swapped_in else 'raw'
         raise ValueError(
             f'The {weights!r} weights of this checkpoint are in the EMA algorithm state as FSDP2 DTensor shards of one '
             f'rank only (for example {sharded[0]}), so they cannot be rebuilt in full. The checkpoint holds the '
-            f'{available!r} weights in full: load those with weights={available!r}.'
+            f'{available!r} weights in full: load those with weights={available!r}. Runs with the package\'s `ema` '
+            'algorithm (composer_maect.algorithms.EMA) store both in full.'
         )
     unknown = sorted(set(other) - set(model))
     if unknown:

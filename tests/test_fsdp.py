@@ -374,16 +374,24 @@ def test_fsdp2_sharded_checkpoint_resumes(tuning_results):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Composer 0.32.1 pickles EMA's FSDP2 DTensor shards into the algorithm state, and a sharded checkpoint "
-    "keeps rank 0's copy only, so after autoresume every rank swaps rank 0's shard of the training weights into "
-    'the model',
-)
 def test_fsdp2_resume_with_ema(tmp_path):
     ranks = run_tuning_script(tmp_path / 'two', 2, '--ema')
     for result in ranks:
         assert result['resumed']['losses'] == pytest.approx(result['full']['losses'][2:], rel=1e-5)
+
+    # The sharded checkpoint holds the EMA weights in the model and the training weights in full in the EMA state.
+    from composer_maect.checkpoints import load_encoder_weights
+    from composer_maect.models.vit import create_encoder
+
+    checkpoint = tmp_path / 'two' / 'checkpoints' / 'ep0-ba4'
+    encoders = {}
+    for weights in ('raw', 'ema'):
+        encoders[weights] = create_encoder('vit_tiny_patch16', img_size=32, patch_size=8, depth=4)
+        load_encoder_weights(encoders[weights], str(checkpoint), weights=weights)
+    raw, ema = (dict(encoders[weights].named_parameters()) for weights in ('raw', 'ema'))
+    assert torch.equal(raw['blocks.0.attn.qkv.weight'], ema['blocks.0.attn.qkv.weight'])  # frozen, not averaged
+    assert not torch.equal(raw['blocks.3.attn.qkv.weight'], ema['blocks.3.attn.qkv.weight'])
+    assert all(torch.isfinite(value).all() for value in raw.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from composer.algorithms.ema.ema import EMAParameters, get_model_context_manager
 from composer.core import Event, State
 from composer.loggers import Logger
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ['EMA', 'lerp_towards']
 
@@ -53,6 +54,24 @@ def lerp_towards(averages: list[torch.Tensor], values: list[torch.Tensor], smoot
             torch._foreach_lerp_(floating_averages, floating_values, 1.0 - smoothing)
 
 
+def _full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return ``tensors`` with every ``DTensor`` gathered into a full tensor (a collective call on every rank)."""
+    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in tensors.items()}
+
+
+def _shard_like_model(tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Replace each full tensor whose model parameter is a ``DTensor`` with this rank's shard, in place.
+
+    Every rank holds the same full tensor, so the shard is cut locally, without communication.
+    """
+    for name, param in model.named_parameters():
+        average = tensors.get(name)
+        if average is not None and isinstance(param, DTensor) and not isinstance(average, DTensor):
+            tensors[name] = distribute_tensor(
+                average.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+            )
+
+
 def _drop_buffers(ema_parameters: EMAParameters | None) -> None:
     if ema_parameters is not None and ema_parameters.named_buffers_dict:
         ema_parameters.named_buffers_dict = {}
@@ -67,8 +86,25 @@ class EMA(ComposerEMA):
     loaded from a checkpoint of Composer's ``EMA`` may contain averaged buffers. They stay until the next update,
     so the swap that follows the load puts the training buffers back first, and are then dropped.
 
-    NOTE: the foreach update under FSDP has not been run here; it uses the same full-parameter context as Composer's.
+    Under FSDP2 the averages are ``DTensor`` shards like the parameters. Composer 0.32.1 stores algorithm state as
+    one object that a sharded checkpoint keeps from rank 0 only, so ``state_dict`` gathers the averages into full
+    tensors, and a loaded state is cut into this rank's shards at the next event.
+
+    NOTE: the foreach update under FSDP1 has not been run here; it uses the same full-parameter context as Composer's.
     """
+
+    _reshard_after_load = False
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        ema_state = state.get('ema_model')
+        if isinstance(ema_state, dict):
+            state['ema_model'] = {key: _full_tensors(tensors) for key, tensors in ema_state.items()}
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = False) -> None:
+        super().load_state_dict(state, strict)
+        self._reshard_after_load = True
 
     def match(self, event: Event, state: State) -> bool:
         started = self.ema_started
@@ -79,6 +115,9 @@ class EMA(ComposerEMA):
         return matched
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if self._reshard_after_load and self.ema_model is not None:
+            _shard_like_model(self.ema_model.named_parameters_dict, state.model)
+            self._reshard_after_load = False
         if event in (Event.BATCH_END, Event.EPOCH_END):
             self._update(state.model)
             return

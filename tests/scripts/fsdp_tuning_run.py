@@ -10,7 +10,7 @@ inputs, topk 1, no dropout, ContrastiveTuning with an EMA target projector and L
 frozen. On 2 ranks the model is sharded by FSDP2 with the settings that ``composer_maect.fsdp.fsdp_settings`` makes
 of a recipe's ``fsdp_config``; on 1 rank it trains without a wrapper and is the reference.
 
-With ``--ema`` every trainer also runs Composer's EMA algorithm. Three trainers run one after another:
+With ``--ema`` every trainer also runs the package's EMA algorithm. Three trainers run one after another:
 
 * ``full``: 4 batches without interruption;
 * ``first``: the same run stopped after 2 batches, saving a checkpoint (sharded on 2 ranks) at batch 2;
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 from composer import Callback, Trainer
-from composer.algorithms import EMA
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
+
+from composer_maect.algorithms import EMA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from contrastive_tuning_run import FixedViews
@@ -150,7 +151,7 @@ def final_state(trainer: Trainer, algorithm: ContrastiveTuning) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('out_dir', type=Path, help='folder for the rank{rank}.pt results and the checkpoints')
-    parser.add_argument('--ema', action='store_true', help="add Composer's EMA algorithm to every trainer")
+    parser.add_argument('--ema', action='store_true', help="add the package's EMA algorithm to every trainer")
     args = parser.parse_args()
     logging.basicConfig(format='%(name)s: %(message)s')
     world_size = dist.get_world_size()
