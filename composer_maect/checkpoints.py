@@ -420,7 +420,7 @@ def select_weights(checkpoint: Mapping, weights: Weights = 'raw') -> dict[str, t
         raise ValueError(
             f'The {weights!r} weights of this checkpoint are in the EMA algorithm state as FSDP2 DTensor shards of one '
             f'rank only (for example {sharded[0]}), so they cannot be rebuilt in full. The checkpoint holds the '
-            f'{available!r} weights in full: load those with weights={available!r}. Runs with the package\'s `ema` '
+            f"{available!r} weights in full: load those with weights={available!r}. Runs with the package's `ema` "
             'algorithm (composer_maect.algorithms.EMA) store both in full.'
         )
     unknown = sorted(set(other) - set(model))
