@@ -225,6 +225,7 @@ class ContrastiveTuning(Algorithm):
         self.head_init_from = head_init_from
         self._vit: VisionTransformer | None = None
         self._head: ContrastiveHead | None = None
+        self._head_forward: nn.Module | None = None  # the FSDP1 wrapper of the head, when there is one
         self._nn_accuracy: torch.Tensor | None = None
 
     def __repr__(self) -> str:
@@ -262,6 +263,7 @@ class ContrastiveTuning(Algorithm):
             self._check_batch_sizes(state)
             self._check_ddp_gradients(state)
             self._register_fsdp_forward()
+            self._route_fsdp1_calls(state)
         elif event == Event.AFTER_LOSS:
             self._add_loss(state)
         elif event == Event.BATCH_END:
@@ -316,6 +318,14 @@ class ContrastiveTuning(Algorithm):
         if isinstance(self._vit, FSDPModule):
             register_fsdp_forward_method(self._vit, 'forward_features')
 
+    def _route_fsdp1_calls(self, state: State) -> None:
+        # Under FSDP1 the ViT and the head are calls into wrapped modules, which must go through their wrappers.
+        from composer_maect.fsdp1_forward import find_fsdp1_wrapper, route_forward_features
+
+        if route_forward_features(state.model, self._vit):
+            log.info('ContrastiveTuning calls the ViT through its FSDP1 wrapper')
+        self._head_forward = find_fsdp1_wrapper(state.model, self.head)
+
     def _views(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Return ``(view0, view1, ids, labels)`` of a batch; ids and labels are None when the batch has none."""
         ids = labels = None
@@ -360,8 +370,9 @@ class ContrastiveTuning(Algorithm):
         with precision:
             tokens = self._vit.forward_features(torch.cat([view0, view1], dim=0))  # [2B, T, D]
             pooled = pool_tokens(tokens, self.pooling, self._vit.num_prefix_tokens)  # [2B, D]
-            projected0, predicted0 = head(pooled[:batch_size])
-            projected1, predicted1 = head(pooled[batch_size:])
+            head_forward = self._head_forward if self._head_forward is not None else head
+            projected0, predicted0 = head_forward(pooled[:batch_size])
+            projected1, predicted1 = head_forward(pooled[batch_size:])
 
         z0 = F.normalize(projected0.detach().float(), dim=-1)
         z1 = F.normalize(projected1.detach().float(), dim=-1)

@@ -62,7 +62,7 @@ def _full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _shard_like_model(tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
     """Replace each full tensor whose model parameter is a ``DTensor`` with this rank's shard, in place.
 
-    Every rank holds the same full tensor, so the shard is cut locally, without communication.
+    Every rank has the same full tensor, so the shard is cut locally, without communication.
     """
     for name, param in model.named_parameters():
         average = tensors.get(name)

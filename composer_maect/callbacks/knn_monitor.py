@@ -23,6 +23,7 @@ from composer_maect.data.dataset import build_image_dataloader
 from composer_maect.data.transforms import build_transform
 from composer_maect.evaluation.features import extract_features
 from composer_maect.evaluation.knn import MIN_TEMPERATURE, knn_accuracy
+from composer_maect.fsdp1_forward import fsdp1_forward_features
 from composer_maect.models.pooling import check_pooling
 
 __all__ = ['KNNMonitor', 'find_vision_transformer']
@@ -305,16 +306,16 @@ class KNNMonitor(Callback):
         """Compute, log and return the k-NN metrics of the model in ``state``. Every rank must call it."""
         if self._train_loader is None or self._val_loader is None:
             raise RuntimeError('KNNMonitor builds its dataloaders at Event.INIT. Pass it to a Trainer before use.')
-        # NOTE: vit.forward_features is called directly, so the forward hooks of an FSDP wrapper around the ViT or an
-        # ancestor do not run, and parameters that such a wrapper shards are not gathered. The callback is tested in
-        # single-process CPU runs only.
+        # Under FSDP1, vit.forward_features runs through the ViT's wrapper, which gathers its parameters. FSDP2
+        # registers it as a forward method.
         vit = find_vision_transformer(state.model)
         ema = _single_ema(state) if self.use_ema else None
         uses_ema = ema is not None and ema.ema_started and ema.ema_model is not None
 
         start = time.perf_counter()
         weights = _ema_weights(ema, state.model) if uses_ema else contextlib.nullcontext()
-        with weights, get_precision_context(state.precision, state.precision_config):
+        routed = fsdp1_forward_features(state.model, vit)
+        with weights, routed, get_precision_context(state.precision, state.precision_config):
             bank_features, bank_labels, _ = extract_features(
                 vit, self._train_loader, pooling=self.pooling, max_samples=self.max_train_samples
             )
