@@ -446,6 +446,8 @@ def test_fsdp2_recipe_phases_sharded(tmp_path, mnist_shards):
     load_encoder_weights(encoder, str(tuning), weights='ema')
     for name, value in encoder.state_dict().items():
         assert torch.equal(value, ema[f'encoder.{name}']), name
-    # The training weights are in the algorithm state, pickled with rank 0's DTensor shards only.
-    with pytest.raises(ValueError, match="load those with weights='ema'"):
-        select_weights(checkpoint, 'raw')
+    # The training weights are in the EMA algorithm state, which the package's EMA stores as full tensors.
+    raw = select_weights(checkpoint, 'raw')
+    assert raw['encoder.blocks.5.attn.qkv.weight'].shape == ema['encoder.blocks.5.attn.qkv.weight'].shape
+    assert not torch.equal(raw['encoder.blocks.5.attn.qkv.weight'], ema['encoder.blocks.5.attn.qkv.weight'])
+    assert torch.equal(raw['encoder.blocks.0.attn.qkv.weight'], ema['encoder.blocks.0.attn.qkv.weight'])
