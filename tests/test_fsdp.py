@@ -379,7 +379,7 @@ def test_fsdp2_resume_with_ema(tmp_path):
     for result in ranks:
         assert result['resumed']['losses'] == pytest.approx(result['full']['losses'][2:], rel=1e-5)
 
-    # The sharded checkpoint holds the EMA weights in the model and the training weights in full in the EMA state.
+    # The sharded checkpoint contains the EMA weights in the model and the training weights in full in the EMA state.
     from composer_maect.checkpoints import load_encoder_weights
     from composer_maect.models.vit import create_encoder
 

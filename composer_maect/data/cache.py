@@ -9,8 +9,8 @@ with SIGKILL leaves them behind, and a restart with a remote then fails with "Re
 live runs, so it is not safe to call at start-up.
 
 :func:`claim_local_directory` is targeted instead. It takes an ``flock`` on a lock file named after the directory. The
-kernel releases the lock when the process exits, even by SIGKILL, so whoever gets the lock exclusively knows that no
-live run of this package uses the directory: every block registered for it is stale and is unlinked.
+kernel releases the lock when the process exits, even by SIGKILL. A process that gets the lock exclusively therefore
+knows that no live run of this package uses the directory, so every block registered for it is stale and is unlinked.
 
 * With a remote, ``local`` is a cache that the run writes, and the lock stays exclusive for the lifetime of the
   process. A second run on the same cache gets :class:`LocalDirectoryInUseError`.

@@ -84,8 +84,8 @@ class ImageStreamingDataset(StreamingDataset):
         self._check_columns()
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
-        # Streaming (0.13.0) calls this in every worker at the start of an epoch's iteration; the epoch it returns is
-        # the resumed epoch after a checkpoint load, so the augmentation seed below follows the data position.
+        # Streaming 0.13.0 calls this in every worker at the start of an epoch's iteration. After a checkpoint load it
+        # returns the resumed epoch, so the augmentation seed below follows the data position.
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self._epoch = epoch
         return epoch, sample_in_epoch

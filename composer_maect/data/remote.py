@@ -367,7 +367,7 @@ def check_remotes_on_every_node(remote: str | None, split: str | None, save_fold
 
     Every rank raises the same ``RemoteDataError``, so no rank waits for a failed one at a collective.
 
-    NOTE: the remote is checked even when the local cache already holds every shard, so a run whose remote cannot
+    NOTE: the remote is checked even when the local cache already contains every shard, so a run whose remote cannot
     be reached stops here, although Streaming could train from a complete cache.
     """
     from composer.utils import dist
