@@ -7,7 +7,8 @@ Run ``python -m composer_maect.benchmark --help`` for the options. Rows:
   timm ViT with the same frozen blocks: two views, a trivial loss (mean of the pooled features) and an AdamW step.
   ``--compile`` compiles the encoder blocks of both sides with ``torch.compile``.
 - ``mae``: an ``MAEModel`` step in a Trainer against a plain loop over the same model's forward, loss and backward.
-- ``data``: two-view samples/s per worker from MDS shards of JPEGs against torchvision's ``ImageFolder``.
+- ``data``: two-view samples/s per worker from MDS shards of JPEGs (cut from real photographs) with each of the
+  dataset's decoders, against torchvision's ``ImageFolder`` with the same transform on the same files.
 - ``memory``: peak memory of the tuning step, with and without activation checkpointing, one subprocess each.
 - ``gpu``: ViT-L/16 and ViT-H/14 tuning steps in bf16 on one CUDA device; skipped when CUDA is absent.
 
@@ -16,12 +17,13 @@ noise hits both alike, and each reports the median of its per-block step times. 
 ``AFTER_DATALOADER`` to ``BATCH_END``, which includes Composer's copy of the batch to the device. The reference copies
 one batch from host memory each step, and the ``data`` row measures loading.
 MFU is the model's FLOPs per second (``flops_per_batch``) over the rate of a large ``torch.matmul`` measured in the same
-process at the same precision and thread count.
+process at the same precision and thread count, before and after the model rows (the faster of the two).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -49,9 +51,10 @@ PRECISIONS = {'fp32': ('fp32', None), 'bf16': ('amp_bf16', torch.bfloat16)}
 GPU_MODELS = ('vit_large_patch16', 'vit_huge_patch14')
 GPU_TIME_BUDGET_S = 300.0
 DATA_NUM_WORKERS = (0, 1)
-DATA_IMAGE_SIZE = 256
+DATA_IMAGE_SIZE = 500  # longer side of the data row's JPEGs, as in most ImageNet training images
 # Passes over the JPEGs per loader in the data row.
 DATA_PASSES = 3
+DATA_AUGMENTATION_SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -331,6 +334,13 @@ def _throughput_row(
     }
 
 
+def _set_mfu(row: dict[str, Any], matmul_flops: float) -> None:
+    """Recompute the MFU of a ``tuning`` or ``mae`` row against the matmul rate ``matmul_flops``."""
+    row['matmul_flops_per_s'] = matmul_flops
+    for key, rate in (('mfu', 'images_per_s'), ('reference_mfu', 'reference_images_per_s')):
+        row[key] = row['flops_per_batch'] * row[rate] / row['batch'] / matmul_flops
+
+
 # (component, file name, function name) of the functions whose cumulative time --profile reports. Entries nest: the
 # whole step contains the next rows up to the AdamW update, and the head forward includes the target projector.
 PROFILED_FUNCTIONS = (
@@ -441,37 +451,76 @@ def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def write_digit_jpegs(root: str, num_images: int, size: int = DATA_IMAGE_SIZE) -> None:
-    """Write ``num_images`` JPEGs ``size x size`` of the scikit-learn digits, upscaled, as ``root/<label>/<i>.jpg``."""
+def write_photo_jpegs(root: str, num_images: int) -> None:
+    """Write ``num_images`` JPEGs cut from the two photographs that scikit-learn ships, as ``root/<photo>/<i>.jpg``.
+
+    Each image is a crop at a random place, size (a third to all of the photo's height) and aspect ratio (3/4 to
+    4/3), possibly mirrored, resized to ImageNet's typical 500 pixels on the longer side and saved at quality 90.
+    So the decoder works on real photographic content at the size of an ImageNet training image.
+    """
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_sample_images
 
-    digits = load_digits()
+    photos = load_sample_images()  # china.jpg and flower.jpg, 427 x 640 pixels each
+    rng = np.random.default_rng(0)
     for index in range(num_images):
-        position = index % len(digits.images)
-        pixels = (digits.images[position] * (255 / 16)).astype(np.uint8)  # digits values are 0..16
-        label_dir = os.path.join(root, str(digits.target[position]))
+        label = index % len(photos.images)
+        photo = photos.images[label]
+        height, width = photo.shape[:2]
+        crop_height = int(rng.integers(height // 3, height + 1))
+        crop_width = min(width, int(crop_height * rng.uniform(3 / 4, 4 / 3)))
+        top = int(rng.integers(0, height - crop_height + 1))
+        left = int(rng.integers(0, width - crop_width + 1))
+        image = Image.fromarray(photo[top : top + crop_height, left : left + crop_width])
+        scale = DATA_IMAGE_SIZE / max(crop_height, crop_width)
+        image = image.resize((round(crop_width * scale), round(crop_height * scale)), Image.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        label_dir = os.path.join(root, os.path.splitext(os.path.basename(photos.filenames[label]))[0])
         os.makedirs(label_dir, exist_ok=True)
-        image = Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert('RGB')
         image.save(os.path.join(label_dir, f'{index:05d}.jpg'), quality=90)
 
 
 class _TwoViewImageFolder(Dataset):
-    """torchvision's ``ImageFolder`` returning ``{'view0', 'view1', 'label'}`` like ``ImageStreamingDataset``."""
+    """torchvision's ``ImageFolder`` over ``paths``, returning ``{'view0', 'view1', 'label'}`` like the MDS dataset.
 
-    def __init__(self, root: str, transform: Callable) -> None:
+    Sample ``i`` is ``paths[i]`` and its transforms draw as the dataset's sample ``i`` does (``sample_draws``). With
+    ``paths`` in the shards' order both sides crop the same regions, whose size sets most of the transform's cost.
+    """
+
+    def __init__(self, root: str, views: tuple[Callable, Callable], paths: list[str], augmentation_seed: int) -> None:
         from torchvision.datasets import ImageFolder
 
         self.folder = ImageFolder(root)
-        self.transform = transform
+        labels = dict(self.folder.samples)
+        self.folder.samples = self.folder.imgs = [(path, labels[path]) for path in paths]
+        self.views = views
+        self.augmentation_seed = augmentation_seed
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        from composer_maect.data.dataset import sample_draws
+
         image, label = self.folder[index]
-        return {'view0': self.transform(image), 'view1': self.transform(image), 'label': label}
+        with sample_draws(self.augmentation_seed, 0, index):
+            return {'view0': self.views[0](image), 'view1': self.views[1](image), 'label': label}
+
+
+def _paths_in_shard_order(folder: str, shards: str) -> list[str]:
+    """Return the JPEG paths under ``folder`` in the order of the converter's samples, matched by their bytes."""
+    from streaming import StreamingDataset
+
+    by_content = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, 'rb') as file:
+                by_content[file.read()] = path
+    samples = StreamingDataset(local=shards, split='train', shuffle=False, batch_size=1)
+    return [by_content[samples[position]['image']] for position in range(samples.num_samples)]
 
 
 def _samples_per_second(loader: DataLoader) -> float:
@@ -487,18 +536,16 @@ def _samples_per_second(loader: DataLoader) -> float:
 
 
 def _jpeg_decoders() -> dict[str, Callable[[bytes], Any]]:
-    """Return the JPEG decoders to compare: the package's PIL decoder and torchvision's ``decode_jpeg``."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """Return the JPEG decoders to compare: the dataset's ``'pil'`` and ``'auto'`` (``decode_jpeg``) decoders."""
+    from composer_maect.data.decode import decode_rgb
 
-    from composer_maect.data.dataset import decode_image
-
-    def torchvision_decode(data: bytes) -> torch.Tensor:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-    return {'PIL': decode_image, 'torchvision.io.decode_jpeg': torchvision_decode}
+    return {
+        'PIL': functools.partial(decode_rgb, decoder='pil'),
+        'torchvision.io.decode_jpeg': functools.partial(decode_rgb, decoder='auto'),
+    }
 
 
-def run_decode(folder: str, transform: Callable, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_decode(folder: str, views: tuple[Callable, Callable], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure decoding plus two views per CPU second, on one thread, for each decoder of ``_jpeg_decoders``.
 
     A DataLoader worker runs torch on one thread, so this is the rate of one worker without the loader around it.
@@ -516,10 +563,11 @@ def run_decode(folder: str, transform: Callable, args: argparse.Namespace) -> li
             start = time.process_time()
             for data in encoded:
                 image = decode(data)
-                transform(image)
-                transform(image)
+                views[0](image)
+                views[1](image)
             rate = len(encoded) / (time.process_time() - start)
-            row = {'row': 'decode', 'decoder': name, 'images': len(encoded), 'img_size': args.data_img_size}
+            row = {'row': 'decode', 'decoder': name, 'transform': args.data_transform, 'images': len(encoded)}
+            row['img_size'] = args.data_img_size
             rows.append({**row, 'samples_per_cpu_s': rate})
     finally:
         torch.set_num_threads(threads)
@@ -527,62 +575,76 @@ def run_decode(folder: str, transform: Callable, args: argparse.Namespace) -> li
 
 
 def run_data(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Measure two-view samples/s per worker of the MDS loader and of ImageFolder on the same JPEGs.
+    """Measure two-view samples/s per worker of the MDS loader, with each decoder, and of ImageFolder on the same JPEGs.
 
-    Also measures each JPEG decoder with the same two-view transform (``decode`` rows).
+    ImageFolder opens every file and decodes it with PIL, torchvision's default loader; it reads the files in the
+    shards' order and draws the same crops. One row per worker count and MDS decoder: ``'pil'`` decodes as ImageFolder
+    does, so it compares reading, and ``'auto'`` is the dataset's default. Also measures each JPEG decoder with the
+    same two-view transform (``decode`` rows).
     """
     from composer_maect.data.convert import convert
     from composer_maect.data.dataset import build_image_dataloader
+    from composer_maect.data.decode import DECODERS
     from composer_maect.data.transforms import build_transform
 
-    transform = build_transform('contrastive', img_size=args.data_img_size)
+    pipelines = build_transform(args.data_transform, img_size=args.data_img_size)
+    # One pipeline per view: contrastive_aug builds a pair, the other pipelines serve both views.
+    views = pipelines if isinstance(pipelines, tuple) else (pipelines, pipelines)
     rows = []
     with tempfile.TemporaryDirectory(prefix='maect-benchmark-') as tmp:
         folder = os.path.join(tmp, 'jpegs')
         shards = os.path.join(tmp, 'mds')
-        write_digit_jpegs(folder, args.data_images)
-        convert(folder, shards, progress=False)
+        write_photo_jpegs(folder, args.data_images)
+        convert(folder, shards, val_fraction=None, progress=False)
+        paths = _paths_in_shard_order(folder, shards)
         for num_workers in DATA_NUM_WORKERS:
-            mds_loader = build_image_dataloader(
-                local=shards,
-                split='train',
-                batch_size=args.data_batch,
-                views=2,
-                transform=transform,
-                shuffle=False,
-                num_workers=num_workers,
-            )
-            folder_loader = DataLoader(
-                _TwoViewImageFolder(folder, transform),
+            loaders = {
+                decoder: build_image_dataloader(
+                    local=shards,
+                    split='train',
+                    batch_size=args.data_batch,
+                    views=2,
+                    transform=views,
+                    shuffle=False,
+                    augmentation_seed=DATA_AUGMENTATION_SEED,
+                    decoder=decoder,
+                    num_workers=num_workers,
+                )
+                for decoder in DECODERS
+            }
+            loaders['ImageFolder'] = DataLoader(
+                _TwoViewImageFolder(folder, views, paths, DATA_AUGMENTATION_SEED),
                 batch_size=args.data_batch,
                 num_workers=num_workers,
                 drop_last=True,
             )
-            # Alternate the two loaders, as the model rows alternate their sides, and keep the median pass of each.
-            mds_rates, folder_rates = [], []
+            # Alternate the loaders, as the model rows alternate their sides, starting each pass with the next one,
+            # and keep the median pass of each.
+            names = list(loaders)
+            rates: dict[str, list[float]] = {name: [] for name in names}
             for repeat in range(DATA_PASSES):
-                if repeat % 2:
-                    folder_rates.append(_samples_per_second(folder_loader))
-                    mds_rates.append(_samples_per_second(mds_loader))
-                else:
-                    mds_rates.append(_samples_per_second(mds_loader))
-                    folder_rates.append(_samples_per_second(folder_loader))
-            mds_rate, folder_rate = statistics.median(mds_rates), statistics.median(folder_rates)
-            del mds_loader
+                for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                    rates[name].append(_samples_per_second(loaders[name]))
+            del loaders
             workers = max(1, num_workers)  # With 0 workers the main process does the loading.
-            rows.append(
-                {
-                    'row': 'data',
-                    'num_workers': num_workers,
-                    'images': args.data_images,
-                    'img_size': args.data_img_size,
-                    'batch': args.data_batch,
-                    'samples_per_s_per_worker': mds_rate / workers,
-                    'reference_samples_per_s_per_worker': folder_rate / workers,
-                    'overhead_ratio': folder_rate / mds_rate - 1.0,
-                }
-            )
-        rows.extend(run_decode(folder, transform, args))
+            folder_rate = statistics.median(rates['ImageFolder'])
+            for decoder in DECODERS:
+                mds_rate = statistics.median(rates[decoder])
+                rows.append(
+                    {
+                        'row': 'data',
+                        'num_workers': num_workers,
+                        'decoder': decoder,
+                        'transform': args.data_transform,
+                        'images': args.data_images,
+                        'img_size': args.data_img_size,
+                        'batch': args.data_batch,
+                        'samples_per_s_per_worker': mds_rate / workers,
+                        'reference_samples_per_s_per_worker': folder_rate / workers,
+                        'overhead_ratio': folder_rate / mds_rate - 1.0,
+                    }
+                )
+        rows.extend(run_decode(folder, views, args))
     return rows
 
 
@@ -744,6 +806,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--data-images', type=int, default=128, help='JPEGs written for the data row')
     parser.add_argument('--data-img-size', type=int, default=224, help='crop side of the data row in pixels')
     parser.add_argument('--data-batch', type=int, default=16, help='samples per batch of the data row')
+    parser.add_argument(
+        '--data-transform',
+        choices=('contrastive', 'contrastive_aug', 'mae'),
+        default='contrastive',
+        help='view pipeline of the data row (default: contrastive, the crop and flip of MAE-CT)',
+    )
     parser.add_argument('--memory-models', default=None, help='comma-separated models of the memory row')
     parser.add_argument('--memory-batches', default=None, help='comma-separated batch sizes of the memory row')
     parser.add_argument('--gpu-batch', type=int, default=64, help='images per step of the gpu rows')
@@ -786,12 +854,12 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         if row['row'] == 'data':
-            config = f'workers={row["num_workers"]} batch={row["batch"]} img={row["img_size"]}'
-            maect = f'{row["samples_per_s_per_worker"]:.1f} samples/s/worker (MDS)'
-            reference = f'{row["reference_samples_per_s_per_worker"]:.1f} (ImageFolder)'
+            config = f'{row["transform"]} workers={row["num_workers"]} batch={row["batch"]} img={row["img_size"]}'
+            maect = f'{row["samples_per_s_per_worker"]:.1f} samples/s/worker (MDS, decoder {row["decoder"]})'
+            reference = f'{row["reference_samples_per_s_per_worker"]:.1f} (ImageFolder, PIL)'
             overhead, mfu = f'{row["overhead_ratio"]:+.3f}', '-'
         elif row['row'] == 'decode':
-            config = f'{row["decoder"]} img={row["img_size"]} images={row["images"]}'
+            config = f'{row["decoder"]} {row["transform"]} img={row["img_size"]} images={row["images"]}'
             maect = f'{row["samples_per_cpu_s"]:.1f} samples/CPU s (decode + 2 views, 1 thread)'
             reference, overhead, mfu = '-', '-', '-'
         elif row['row'] == 'memory':
@@ -834,12 +902,19 @@ def main(argv: list[str] | None = None) -> int:
 
     command = shlex.join(['python', '-m', 'composer_maect.benchmark', *(sys.argv[1:] if argv is None else argv)])
     needs_matmul = any(row in args.rows for row in ('tuning', 'mae'))
-    matmul = measure_matmul_flops(args.device, PRECISIONS[args.precision][1] or torch.float32) if needs_matmul else 0
+    matmul_dtype = PRECISIONS[args.precision][1] or torch.float32
+    matmul = measure_matmul_flops(args.device, matmul_dtype) if needs_matmul else 0
     rows: list[dict[str, Any]] = []
     if 'tuning' in args.rows:
         rows.append(run_tuning(args, matmul))
     if 'mae' in args.rows:
         rows.append(run_mae(args, matmul))
+    if needs_matmul:
+        # Measured again after the model rows, so that a burst of load during one measurement does not inflate MFU.
+        matmul_measurements = [matmul, measure_matmul_flops(args.device, matmul_dtype)]
+        matmul = max(matmul_measurements)
+        for row in rows:
+            _set_mfu(row, matmul)
     if 'data' in args.rows:
         rows.extend(run_data(args))
     if 'memory' in args.rows:
@@ -857,7 +932,10 @@ def main(argv: list[str] | None = None) -> int:
             print(_format_profile(row))
     if args.json:
         with open(args.json, 'w') as file:
-            json.dump({'command': command, 'matmul_flops_per_s': matmul, 'rows': rows}, file, indent=2)
+            report = {'command': command, 'matmul_flops_per_s': matmul, 'rows': rows}
+            if needs_matmul:
+                report['matmul_flops_per_s_measurements'] = matmul_measurements
+            json.dump(report, file, indent=2)
     return 0
 
 

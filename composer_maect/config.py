@@ -135,6 +135,8 @@ class DataLoaderConfig:
     views: int = 1
     shuffle: bool = True
     shuffle_seed: int = 9176
+    # 'auto': JPEGs with torchvision.io.decode_jpeg, other formats with PIL; 'pil': PIL for every format.
+    decoder: Literal['auto', 'pil'] = 'auto'
     num_workers: int = 0
     persistent_workers: bool = False
     pin_memory: bool = False

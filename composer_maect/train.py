@@ -206,6 +206,7 @@ def build_train_dataloader(cfg: DataLoaderConfig, device_batch_size: int):
         transform=transform,
         shuffle=cfg.shuffle,
         shuffle_seed=cfg.shuffle_seed,
+        decoder=cfg.decoder,
         num_workers=cfg.num_workers,
         drop_last=cfg.drop_last,
         persistent_workers=cfg.persistent_workers,

@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 from composer_maect import benchmark
+from composer_maect.data.decode import DECODERS
 
 ROW_CONTEXT_KEYS = ('command', 'device', 'precision', 'threads')
 THROUGHPUT_KEYS = (
@@ -24,6 +25,8 @@ THROUGHPUT_KEYS = (
 )
 DATA_KEYS = (
     'num_workers',
+    'decoder',
+    'transform',
     'images',
     'img_size',
     'batch',
@@ -60,6 +63,8 @@ def report(tmp_path_factory) -> dict:
 def test_report_top_level_fields(report):
     assert report['command'].startswith('python -m composer_maect.benchmark')
     assert report['matmul_flops_per_s'] > 0
+    assert report['matmul_flops_per_s'] == max(report['matmul_flops_per_s_measurements'])
+    assert len(report['matmul_flops_per_s_measurements']) == 2
     assert isinstance(report['rows'], list)
 
 
@@ -67,7 +72,7 @@ def test_report_has_requested_rows(report):
     names = [row['row'] for row in report['rows']]
     assert names.count('tuning') == 1
     assert names.count('mae') == 1
-    assert names.count('data') == len(benchmark.DATA_NUM_WORKERS)
+    assert names.count('data') == len(benchmark.DATA_NUM_WORKERS) * len(DECODERS)
 
 
 @pytest.mark.parametrize('key', ROW_CONTEXT_KEYS)
@@ -91,16 +96,24 @@ def test_throughput_row_fields(report, name):
     assert 0 < row['mfu'] < 1
     expected_ratio = row['reference_images_per_s'] / row['images_per_s'] - 1
     assert row['overhead_ratio'] == pytest.approx(expected_ratio)
+    assert row['matmul_flops_per_s'] == report['matmul_flops_per_s']
+    expected_mfu = row['flops_per_batch'] * row['images_per_s'] / row['batch'] / report['matmul_flops_per_s']
+    assert row['mfu'] == pytest.approx(expected_mfu)
 
 
 def test_data_row_fields(report):
     rows = [row for row in report['rows'] if row['row'] == 'data']
-    assert [row['num_workers'] for row in rows] == list(benchmark.DATA_NUM_WORKERS)
+    expected = [(workers, decoder) for workers in benchmark.DATA_NUM_WORKERS for decoder in DECODERS]
+    assert [(row['num_workers'], row['decoder']) for row in rows] == expected
     for row in rows:
         missing = [key for key in DATA_KEYS if key not in row]
         assert not missing
         assert row['samples_per_s_per_worker'] > 0
         assert row['reference_samples_per_s_per_worker'] > 0
+    # Both decoders of one worker count are compared with the same ImageFolder passes.
+    for workers in benchmark.DATA_NUM_WORKERS:
+        references = {row['reference_samples_per_s_per_worker'] for row in rows if row['num_workers'] == workers}
+        assert len(references) == 1
 
 
 @pytest.mark.parametrize('name', ['tuning', 'mae'])

@@ -60,6 +60,13 @@ def test_invalid_choice_lists_choices():
     assert "Did you mean 'images'?" in str(info.value)
 
 
+def test_decoder_choice():
+    assert load_config(str(MNIST_YAML), []).train_loader.decoder == 'auto'
+    assert load_config(str(MNIST_YAML), ['train_loader.decoder=pil']).train_loader.decoder == 'pil'
+    with pytest.raises(ConfigError, match=r"'train_loader.decoder': invalid value 'turbo' \(str\); expected one of"):
+        load_config(str(MNIST_YAML), ['train_loader.decoder=turbo'])
+
+
 def test_all_errors_reported_together():
     with pytest.raises(ConfigError) as info:
         load_config(str(MNIST_YAML), ['seed=x', 'model.mask_ratio=high', 'model.encoder.nam=vit'])

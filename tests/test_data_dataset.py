@@ -279,3 +279,23 @@ def test_views_independent_of_workers(mixed_shards):
             continue  # Every crop of a single-colour image (the CMYK and 16-bit grey ones) is the same.
         assert not torch.equal(second_epoch[index], views), index
         assert not torch.equal(other_seed[index], views), index
+
+
+def test_reading_a_sample_seeds_no_cuda_generator(mixed_shards, monkeypatch):
+    """The transforms' seeding touches only the CPU generator, so the training's draws on a GPU do not follow it."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, 'manual_seed', lambda seed: calls.append(seed))
+    dataset = ImageStreamingDataset(
+        local=str(mixed_shards), split='train', views=2, transform=build_transform('contrastive', img_size=8)
+    )
+    torch.manual_seed(123)
+    calls.clear()
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    calls.clear()
+
+    dataset[0]
+
+    assert calls == []
+    assert torch.equal(torch.rand(1), expected_next), 'the CPU generator is restored after the sample'

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from composer_maect.data.transforms import TRANSFORM_NAMES, build_transform
+from composer_maect.data.transforms import TRANSFORM_NAMES, PILGaussianBlur, build_transform
 
 
 def _noise_image(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
@@ -171,7 +172,7 @@ def test_contrastive_aug_steps():
     view1, view2 = build_transform('contrastive_aug', img_size=64)
     steps1, steps2 = view1.transforms, view2.transforms
 
-    jitter = steps1[2]
+    jitter = steps1[3]
     assert isinstance(jitter, v2.RandomApply)
     assert jitter.p == 0.8
     assert isinstance(jitter.transforms[0], v2.ColorJitter)
@@ -180,11 +181,11 @@ def test_contrastive_aug_steps():
     assert jitter.transforms[0].saturation == (0.8, 1.2)
     assert jitter.transforms[0].hue == (-0.1, 0.1)
 
-    assert isinstance(steps1[3], v2.GaussianBlur), 'view 1 always blurs'
-    assert steps1[3].sigma == [0.1, 2.0]
-    assert isinstance(steps2[3], v2.RandomApply)
-    assert steps2[3].p == 0.1
-    assert isinstance(steps2[3].transforms[0], v2.GaussianBlur)
+    assert isinstance(steps1[4], PILGaussianBlur), 'view 1 always blurs'
+    assert steps1[4].sigma == (0.1, 2.0)
+    assert isinstance(steps2[4], v2.RandomApply)
+    assert steps2[4].p == 0.1
+    assert isinstance(steps2[4].transforms[0], PILGaussianBlur)
 
     for steps in (steps1, steps2):
         grayscale = next(step for step in steps if isinstance(step, v2.RandomGrayscale))
@@ -211,3 +212,59 @@ def test_pair_views_differ():
     view1, view2 = build_transform('contrastive_aug', img_size=16)
     image = _noise_image()
     assert not torch.equal(view1(image), view2(image))
+
+
+def _drawn_sigma(seed: int, low: float = 0.1, high: float = 2.0) -> float:
+    """The sigma that ``PILGaussianBlur`` draws first after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return torch.empty(1).uniform_(low, high).item()
+
+
+def test_pil_blur_is_pil_gaussian_blur_with_the_drawn_sigma():
+    image = _noise_image(30, 20)
+    for seed in range(3):
+        expected = image.filter(ImageFilter.GaussianBlur(radius=_drawn_sigma(seed)))
+        torch.manual_seed(seed)
+        blurred = PILGaussianBlur()(image)
+        assert isinstance(blurred, Image.Image)
+        assert np.array_equal(np.asarray(blurred), np.asarray(expected)), seed
+    assert not np.array_equal(np.asarray(blurred), np.asarray(image))
+
+
+def test_pil_blur_gives_tensors_the_pixels_of_pil():
+    image = _noise_image(30, 20)
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    torch.manual_seed(0)
+    from_pil = PILGaussianBlur()(image)
+    torch.manual_seed(0)
+    from_tensor = PILGaussianBlur()(tensor)
+    assert type(from_tensor) is torch.Tensor
+    assert from_tensor.dtype == torch.uint8
+    assert torch.equal(from_tensor, torch.from_numpy(np.array(from_pil)).permute(2, 0, 1))
+
+    torch.manual_seed(0)
+    wrapped = PILGaussianBlur()(tv_tensors.Image(tensor))
+    assert isinstance(wrapped, tv_tensors.Image)
+    assert torch.equal(wrapped.as_subclass(torch.Tensor), from_tensor)
+
+
+def test_pil_blur_grey_tensor_keeps_one_channel():
+    grey = torch.from_numpy(np.array(_noise_image(12, 10).convert('L'))).unsqueeze(0)
+    blurred = PILGaussianBlur((2.0, 2.0))(grey)
+    assert blurred.shape == (1, 10, 12)
+    assert float(blurred.float().std()) < float(grey.float().std())
+
+
+@pytest.mark.parametrize(
+    'tensor',
+    [torch.rand(3, 8, 8), torch.zeros(4, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8)],
+)
+def test_pil_blur_rejects_other_tensors(tensor):
+    with pytest.raises(TypeError, match='Apply the step before converting the image to float'):
+        PILGaussianBlur()(tensor)
+
+
+@pytest.mark.parametrize('sigma', [(0.0, 1.0), (2.0, 1.0), (1.0,)])
+def test_pil_blur_rejects_bad_sigma(sigma):
+    with pytest.raises(ValueError, match='sigma'):
+        PILGaussianBlur(sigma)

@@ -1,7 +1,8 @@
 """The streaming image dataset over the converter's MDS shards, and its DataLoader.
 
 ``ImageStreamingDataset`` reads the columns ``image`` (encoded bytes), ``label`` and ``index`` that
-``composer_maect.data.convert`` writes, decodes each image to RGB with PIL and applies one pipeline per view.
+``composer_maect.data.convert`` writes, decodes each image to RGB (JPEGs with ``torchvision.io.decode_jpeg``, other
+formats with PIL; see ``composer_maect.data.decode``) and applies one pipeline per view.
 Batches from the default collate are flat dicts of tensors::
 
     views == 1: {'image': [B, 3, H, W] float, 'label': [B] int64, 'index': [B] int64}
@@ -10,9 +11,10 @@ Batches from the default collate are flat dicts of tensors::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,10 +23,10 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from composer_maect.data.decode import DECODE_ERRORS, decode_image
+from composer_maect.data.decode import DECODE_ERRORS, check_decoder, decode_image, decode_rgb
 from composer_maect.data.shards import check_local_shards
 
-__all__ = ['CorruptSampleError', 'ImageStreamingDataset', 'build_image_dataloader', 'decode_image']
+__all__ = ['CorruptSampleError', 'ImageStreamingDataset', 'build_image_dataloader', 'decode_image', 'sample_draws']
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,17 @@ class ImageStreamingDataset(StreamingDataset):
     Args:
         views: number of views per image. 1 yields ``{'image', 'label', 'index'}``; 2 or more yields ``'view0'``,
             ``'view1'``, ... in place of ``'image'``.
-        transform: a callable from an RGB PIL image to a tensor ``[3, H, W]``, applied to every view with fresh
-            random draws, or a sequence with one callable per view (such as the pair of
+        transform: a callable from an RGB image (a PIL image, or a uint8 tensor ``[3, H, W]`` from the JPEG
+            decoder) to a tensor ``[3, H, W]``, such as the pipelines of ``build_transform``, applied to every view
+            with fresh random draws, or a sequence with one callable per view (such as the pair of
             ``build_transform('contrastive_aug', ...)``). None converts to a float tensor in 0..1 without resizing,
             which only batches when all images have the same size.
         augmentation_seed: seed of the random draws of the transforms. None takes ``torch.initial_seed()`` when the
             dataset is built, which is the run's seed after Composer's ``reproducibility.seed_all(seed)``.
+        decoder: ``'auto'`` (JPEGs with ``torchvision.io.decode_jpeg`` into uint8 tensors, other formats with PIL)
+            or ``'pil'`` (PIL images for every format, the input of the official MAE-CT pipelines). Both give the
+            same pixels; the transforms' resizing and colour steps on tensors differ from those on PIL images by
+            rounding.
         **streaming_kwargs: keyword arguments of ``StreamingDataset``, such as ``local``, ``remote``, ``split``,
             ``batch_size``, ``shuffle``, ``shuffle_seed``, ``predownload``, ``cache_limit``.
 
@@ -64,7 +71,8 @@ class ImageStreamingDataset(StreamingDataset):
     gets the same views as an uninterrupted run.
 
     Raises:
-        ValueError: invalid ``views`` or ``transform``, or shards without the columns image, label and index.
+        ValueError: invalid ``views``, ``transform`` or ``decoder``, or shards without the columns image, label and
+            index.
         CorruptSampleError: (when reading) an image that does not decode.
     """
 
@@ -74,9 +82,11 @@ class ImageStreamingDataset(StreamingDataset):
         views: int = 1,
         transform: Callable | Sequence[Callable] | None = None,
         augmentation_seed: int | None = None,
+        decoder: str = 'auto',
         **streaming_kwargs,
     ):
         self.views = views
+        self.decoder = check_decoder(decoder)
         self.transforms = self._per_view_transforms(views, transform)
         self.augmentation_seed = torch.initial_seed() if augmentation_seed is None else augmentation_seed
         self._epoch = 0
@@ -136,7 +146,7 @@ class ImageStreamingDataset(StreamingDataset):
         """Return the transformed views, label and index of sample ``sample_id``."""
         sample = super().get_item(sample_id, retry=retry)
         try:
-            image = decode_image(sample['image'])
+            image = decode_rgb(sample['image'], self.decoder)
         except DECODE_ERRORS as err:
             raise CorruptSampleError(
                 f'Failed to decode the image of {self._describe_sample(sample_id)}: {type(err).__name__}: {err}. '
@@ -145,9 +155,7 @@ class ImageStreamingDataset(StreamingDataset):
             ) from err
 
         item: dict[str, Any] = {}
-        seed = np.random.SeedSequence([self.augmentation_seed, self._epoch, sample_id]).generate_state(1, np.uint64)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed[0]))
+        with sample_draws(self.augmentation_seed, self._epoch, sample_id):
             if self.views == 1:
                 item['image'] = self.transforms[0](image)
             else:
@@ -156,6 +164,20 @@ class ImageStreamingDataset(StreamingDataset):
         item['label'] = int(sample['label'])
         item['index'] = int(sample['index'])
         return item
+
+
+@contextlib.contextmanager
+def sample_draws(augmentation_seed: int, epoch: int, sample_id: int) -> Iterator[None]:
+    """Seed torch's CPU generator for the transforms of one sample, and restore its previous state on exit.
+
+    The seed is derived from ``(augmentation_seed, epoch, sample_id)`` with ``numpy.random.SeedSequence``. Only the
+    CPU generator is seeded: ``torch.manual_seed`` would also seed an initialized CUDA generator, so with
+    ``num_workers=0`` the training's random draws on the GPU would follow the samples.
+    """
+    seed = np.random.SeedSequence([augmentation_seed, epoch, sample_id]).generate_state(1, np.uint64)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed[0]))
+        yield
 
 
 def _index_path(local: str, split: str | None) -> str:
@@ -173,6 +195,7 @@ def build_image_dataloader(
     shuffle: bool = True,
     shuffle_seed: int = 9176,
     augmentation_seed: int | None = None,
+    decoder: str = 'auto',
     num_workers: int = 0,
     drop_last: bool = True,
     persistent_workers: bool = False,
@@ -191,7 +214,7 @@ def build_image_dataloader(
             needs it to resume a run at the same sample.
         views, transform: see ``ImageStreamingDataset``.
         shuffle, shuffle_seed: Streaming's shuffle, identical on all ranks for the same seed.
-        augmentation_seed: see ``ImageStreamingDataset``.
+        augmentation_seed, decoder: see ``ImageStreamingDataset``.
         num_workers, drop_last, persistent_workers, pin_memory, prefetch_factor: as in ``DataLoader``.
             ``persistent_workers`` and ``prefetch_factor`` apply only when ``num_workers > 0``.
         streaming_kwargs: further ``StreamingDataset`` arguments, such as ``predownload`` or ``cache_limit``.
@@ -236,6 +259,7 @@ def build_image_dataloader(
         shuffle=shuffle,
         shuffle_seed=shuffle_seed,
         augmentation_seed=augmentation_seed,
+        decoder=decoder,
         **streaming_kwargs,
     )
 

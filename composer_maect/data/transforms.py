@@ -7,9 +7,9 @@ the float conversion.
 - ``mae``: RandomResizedCrop with scale (0.2, 1), then a horizontal flip with p 0.5.
 - ``contrastive`` and ``probe_train``: RandomResizedCrop with scale (0.08, 1), then a horizontal flip with p 0.5.
 - ``contrastive_aug``: a pair of pipelines for the two views. Both crop and flip as ``contrastive``, then apply
-  ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 (its four steps in random order), a Gaussian blur with sigma in
-  [0.1, 2] and grayscale with p 0.2. View 1 always blurs. View 2 blurs with p 0.1 and then solarizes with p 0.2 at
-  threshold 128.
+  ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 (its four steps in random order), PIL's Gaussian blur with sigma
+  in [0.1, 2] (``PILGaussianBlur``) and grayscale with p 0.2. View 1 always blurs. View 2 blurs with p 0.1 and then
+  solarizes with p 0.2 at threshold 128.
 - ``eval``: Resize of the shorter side to int(img_size * 256 / 224), then CenterCrop(img_size).
 
 Crops draw aspect ratios from (3/4, 4/3). Every resize is bicubic with antialiasing, unless the ``interpolation``
@@ -22,11 +22,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
-__all__ = ['TRANSFORM_NAMES', 'build_transform']
+__all__ = ['TRANSFORM_NAMES', 'PILGaussianBlur', 'build_transform']
 
 TRANSFORM_NAMES = ('mae', 'contrastive', 'contrastive_aug', 'probe_train', 'eval')
 
@@ -120,21 +123,68 @@ def _to_normalized_float(mean: tuple[float, ...], std: tuple[float, ...]) -> lis
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)]
 
 
-def _blur_kernel_size(img_size: int) -> int:
-    """Return an odd kernel size that covers +-3 sigma of the widest blur, at most ``img_size``.
+class PILGaussianBlur(v2.Transform):
+    """Blur with PIL's ``ImageFilter.GaussianBlur(radius=sigma)``, ``sigma`` drawn uniformly from ``sigma`` per call.
 
-    NOTE: the reference pipeline blurs with PIL's ``GaussianBlur(radius=sigma)``, whose support is not truncated.
-    Truncating at 3 sigma drops less than 0.3% of the kernel's weight, and torchvision renormalizes the rest.
+    The blur of the reference MAE-CT pipelines. PIL approximates the Gaussian with repeated box blurs and does not
+    truncate its support. On a 224 x 224 RGB image it takes about 1 ms on one CPU thread, while
+    ``v2.GaussianBlur`` with the 13-tap kernel that sigma 2 needs takes 7 to 9 ms.
+
+    Takes PIL images and uint8 tensors ``[C, H, W]`` (C 1 or 3); tensors go through PIL and come back as uint8
+    tensors of the same type. The sigma is drawn from torch's generator, so seeded pipelines stay reproducible.
+
+    Raises:
+        TypeError: a tensor that is not uint8 ``[C, H, W]`` with C 1 or 3. Blur before the float conversion.
     """
-    kernel_size = 2 * math.ceil(3 * _BLUR_SIGMA[1]) + 1
-    if kernel_size > img_size:
-        kernel_size = img_size if img_size % 2 == 1 else img_size - 1
-    return max(kernel_size, 1)
+
+    def __init__(self, sigma: Sequence[float] = _BLUR_SIGMA) -> None:
+        super().__init__()
+        self.sigma = _parse_range('sigma', sigma, upper=math.inf)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {'sigma': torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        blur = ImageFilter.GaussianBlur(radius=params['sigma'])
+        if isinstance(inpt, Image.Image):
+            return inpt.filter(blur)
+        if not isinstance(inpt, torch.Tensor):
+            return inpt  # Not an image, such as a label: v2 transforms pass it through.
+        output = torch.from_numpy(np.array(_uint8_tensor_to_pil(inpt, 'PILGaussianBlur').filter(blur)))
+        output = output.reshape(inpt.shape[1], inpt.shape[2], -1).permute(2, 0, 1)
+        return tv_tensors.wrap(output, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else output
 
 
-def _color_distortion(img_size: int, blur_p: float, solarize_p: float) -> list[v2.Transform]:
-    blur = v2.GaussianBlur(kernel_size=_blur_kernel_size(img_size), sigma=_BLUR_SIGMA)
+class _ToPIL(v2.Transform):
+    """Turn a uint8 image tensor ``[C, H, W]`` (C 1 or 3) into a PIL image; pass PIL images and other inputs through.
+
+    ``v2.ToPILImage`` copies the transposed tensor element by element, which takes about half a millisecond for a
+    224 x 224 RGB image; a contiguous copy in torch first takes a tenth of that.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, torch.Tensor) and not isinstance(inpt, tv_tensors.BoundingBoxes | tv_tensors.Mask):
+            return _uint8_tensor_to_pil(inpt, 'The colour steps')
+        return inpt
+
+
+def _uint8_tensor_to_pil(image: torch.Tensor, step: str) -> Image.Image:
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise TypeError(
+            f'{step}: expected a uint8 image tensor [C, H, W] with C 1 or 3, got {image.dtype} of shape '
+            f'{tuple(image.shape)}. Apply the step before converting the image to float.'
+        )
+    pixels = image.as_subclass(torch.Tensor).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(pixels[:, :, 0] if image.shape[0] == 1 else pixels)
+
+
+def _color_distortion(blur_p: float, solarize_p: float) -> list[v2.Transform]:
+    blur = PILGaussianBlur(_BLUR_SIGMA)
     steps: list[v2.Transform] = [
+        # The colour steps run on PIL images, as in the reference pipelines: a cropped uint8 tensor (from the JPEG
+        # decoder) becomes one here. On a 224 x 224 crop PIL's hue step is faster than the tensor kernel, and the blur
+        # is PIL's. A PIL image passes through unchanged.
+        _ToPIL(),
         # v2.ColorJitter applies brightness, contrast, saturation and hue in a new random order for every image.
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         blur if blur_p == 1.0 else v2.RandomApply([blur], p=blur_p),
@@ -183,9 +233,9 @@ def build_transform(
 
     crop = _crop_and_flip(img_size, resolved)
     if name == 'contrastive_aug':
-        view1 = v2.Compose([*crop, *_color_distortion(img_size, blur_p=1.0, solarize_p=0.0), *to_float])
+        view1 = v2.Compose([*crop, *_color_distortion(blur_p=1.0, solarize_p=0.0), *to_float])
         # A second crop instance, so that the two pipelines share no module.
         view2_crop = _crop_and_flip(img_size, resolved)
-        view2 = v2.Compose([*view2_crop, *_color_distortion(img_size, blur_p=0.1, solarize_p=0.2), *to_float])
+        view2 = v2.Compose([*view2_crop, *_color_distortion(blur_p=0.1, solarize_p=0.2), *to_float])
         return view1, view2
     return v2.Compose([*crop, *to_float])
