@@ -32,7 +32,7 @@ def _photo_like(height: int = 40, width: int = 56) -> Image.Image:
 
 @pytest.mark.parametrize('mode', ['RGB', 'L', 'CMYK'])
 @pytest.mark.parametrize('save_kwargs', [{'quality': 75}, {'quality': 95, 'progressive': True}])
-def test_auto_decodes_jpeg_to_the_pixels_of_pil(mode, save_kwargs):
+def test_auto_jpeg_matches_pil_pixels(mode, save_kwargs):
     data = _encoded(_photo_like().convert(mode), 'JPEG', **save_kwargs)
 
     decoded = decode_rgb(data)
@@ -44,7 +44,7 @@ def test_auto_decodes_jpeg_to_the_pixels_of_pil(mode, save_kwargs):
     assert torch.equal(decoded, expected)
 
 
-def test_auto_decodes_other_formats_with_pil():
+def test_auto_other_formats_use_pil():
     decoded = decode_rgb(_encoded(Image.new('LA', (5, 4), (90, 10)), 'PNG'))
 
     assert isinstance(decoded, Image.Image)
@@ -52,7 +52,7 @@ def test_auto_decodes_other_formats_with_pil():
     assert decoded.getpixel((0, 0)) == (90, 90, 90)
 
 
-def test_pil_decoder_returns_pil_images_for_jpeg():
+def test_pil_decoder_returns_pil_image():
     data = _encoded(_photo_like(), 'JPEG')
 
     decoded = decode_rgb(data, 'pil')
@@ -62,14 +62,14 @@ def test_pil_decoder_returns_pil_images_for_jpeg():
 
 
 @pytest.mark.parametrize('decoder', DECODERS)
-def test_truncated_jpeg_raises_the_pil_error(decoder):
+def test_truncated_jpeg_raises_pil_error(decoder):
     data = _encoded(_photo_like(), 'JPEG')[:300]
 
     with pytest.raises(OSError, match=r'(?i)truncated'):
         decode_rgb(data, decoder)
 
 
-def test_unknown_decoder_lists_the_valid_ones():
+def test_unknown_decoder_lists_valid_ones():
     with pytest.raises(ValueError, match=r"Unknown decoder 'turbo'.*\['auto', 'pil'\]"):
         decode_rgb(b'\xff\xd8\xff', 'turbo')
     with pytest.raises(ValueError, match="Unknown decoder 'turbo'"):
@@ -88,7 +88,7 @@ def jpeg_shards(tmp_path) -> Path:
     return out
 
 
-def test_decoders_give_the_same_untransformed_samples(jpeg_shards):
+def test_decoders_same_untransformed_samples(jpeg_shards):
     auto = ImageStreamingDataset(local=str(jpeg_shards), decoder='auto')
     pil = ImageStreamingDataset(local=str(jpeg_shards), decoder='pil')
 
@@ -96,8 +96,8 @@ def test_decoders_give_the_same_untransformed_samples(jpeg_shards):
         assert torch.equal(auto[position]['image'], pil[position]['image'])
 
 
-def test_decoders_give_close_views(jpeg_shards):
-    """The same random draws crop the same region; tensor and PIL resizing differ only by rounding."""
+def test_decoders_close_views(jpeg_shards):
+    """The same random draws crop the same region, and tensor and PIL resizing differ only by rounding."""
     transform = build_transform('contrastive', img_size=24)
     kwargs = {'local': str(jpeg_shards), 'views': 2, 'transform': transform, 'augmentation_seed': 5}
     auto = ImageStreamingDataset(decoder='auto', **kwargs)

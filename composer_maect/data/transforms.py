@@ -158,8 +158,8 @@ class PILGaussianBlur(v2.Transform):
 class _ToPIL(v2.Transform):
     """Turn a uint8 image tensor ``[C, H, W]`` (C 1 or 3) into a PIL image; pass PIL images and other inputs through.
 
-    ``v2.ToPILImage`` copies the transposed tensor element by element, which takes about half a millisecond for a
-    224 x 224 RGB image; a contiguous copy in torch first takes a tenth of that.
+    ``v2.ToPILImage`` hands PIL a transposed array, whose copy takes about half a millisecond for a 224 x 224 RGB
+    image. Making the tensor contiguous in torch first takes a tenth of that.
     """
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -181,9 +181,8 @@ def _uint8_tensor_to_pil(image: torch.Tensor, step: str) -> Image.Image:
 def _color_distortion(blur_p: float, solarize_p: float) -> list[v2.Transform]:
     blur = PILGaussianBlur(_BLUR_SIGMA)
     steps: list[v2.Transform] = [
-        # The colour steps run on PIL images, as in the reference pipelines: a cropped uint8 tensor (from the JPEG
-        # decoder) becomes one here. On a 224 x 224 crop PIL's hue step is faster than the tensor kernel, and the blur
-        # is PIL's. A PIL image passes through unchanged.
+        # The colour steps run on PIL images, as in the reference pipelines, so a cropped uint8 tensor from the JPEG
+        # decoder becomes one here. PIL's hue step is faster than the tensor kernel on a 224 x 224 crop.
         _ToPIL(),
         # v2.ColorJitter applies brightness, contrast, saturation and hue in a new random order for every image.
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
