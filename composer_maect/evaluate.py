@@ -4,7 +4,7 @@ Usage::
 
     python -m composer_maect.evaluate CHECKPOINT --train DIR_OR_URL --test DIR_OR_URL --encoder NAME \\
         --img-size N --patch-size P [--timm-kwargs JSON] [--pooling cls|mean_patch] [--weights ema|raw] \\
-        [--mean M ...] [--std S ...] [--resize-size N] [--k 10 20] [--out OUT] \\
+        [--mean M ...] [--std S ...] [--resize-size N] [--decoder auto|pil] [--k 10 20] [--out OUT] \\
         [--protocols knn,linear,clustering,lowshot]
 
 The encoder is loaded from a checkpoint of this package (MAE model keys under ``encoder.vit.*``, ``ViTEncoderModel``
@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from composer_maect.data.decode import DECODERS
 
 __all__ = [
     'PROTOCOLS',
@@ -340,6 +342,7 @@ def _cache_key(args: argparse.Namespace, weights: str) -> dict:
         'mean': args.mean,
         'std': args.std,
         'resize_size': args.resize_size,
+        'decoder': args.decoder,
         'train': _data_key(args.train),
         'test': _data_key(args.test),
     }
@@ -384,6 +387,7 @@ def _build_loader(location: str, split: str, args: argparse.Namespace, out: Path
         transform=transform,
         shuffle=False,
         drop_last=False,
+        decoder=args.decoder,
         num_workers=args.num_workers,
     )
 
@@ -460,6 +464,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help='per-channel std on the 0..1 scale (write --pixel-std under the composer launcher)',
     )
     parser.add_argument('--resize-size', type=_positive_int, default=None, help='resize side before the centre crop')
+    parser.add_argument(
+        '--decoder',
+        choices=DECODERS,
+        default='auto',
+        help='image decoder: auto (JPEGs with torchvision.io.decode_jpeg, other formats with PIL) or pil',
+    )
 
     parser.add_argument('--k', type=_positive_int, nargs='+', default=[10, 20], help='k-NN neighbour counts')
     parser.add_argument('--temperature', type=float, default=0.07, help='k-NN vote temperature')
@@ -686,6 +696,7 @@ def _run(args: argparse.Namespace) -> dict | None:
                 'resize_size': args.resize_size,
                 'mean': args.mean,
                 'std': args.std,
+                'decoder': args.decoder,
             },
         },
         'feature_cache': str(cache_path),

@@ -137,7 +137,8 @@ def test_cli_results_schema(trained_run, tmp_path, capsys):
     assert results['data']['num_train'] == 1438
     assert results['data']['num_test'] == 359
     assert results['data']['classes'] == list(range(10))
-    assert results['data']['transform'] == {'img_size': 8, 'resize_size': 8, 'mean': [0.5] * 3, 'std': [0.5] * 3}
+    transform = {'img_size': 8, 'resize_size': 8, 'mean': [0.5] * 3, 'std': [0.5] * 3, 'decoder': 'auto'}
+    assert results['data']['transform'] == transform
     assert results['protocols'] == ['knn', 'linear', 'clustering', 'lowshot']
     assert results['options']['ks'] == [5, 10]
 
@@ -193,7 +194,10 @@ def test_cli_cache_reused_and_keyed(trained_run, tmp_path, caplog):
     assert raw['checkpoint']['weights'] == 'raw'
     assert raw['feature_cache'] != first['feature_cache']
     assert main(_cli_args(trained_run, out, '--protocols', 'knn', '--no-plots', '--pooling', 'mean_patch')) == 0
-    assert len(list(out.glob('features-*.pt'))) == 3
+    assert main(_cli_args(trained_run, out, '--protocols', 'knn', '--no-plots', '--decoder', 'pil')) == 0
+    pil = json.loads((out / 'results.json').read_text())
+    assert pil['data']['transform']['decoder'] == 'pil'
+    assert len(list(out.glob('features-*.pt'))) == 4
 
 
 def test_cli_large_k_clipped(trained_run, tmp_path, caplog):
