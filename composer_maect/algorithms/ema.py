@@ -47,7 +47,8 @@ def lerp_towards(averages: list[torch.Tensor], values: list[torch.Tensor], smoot
                 raise ValueError(f'Cannot average a tensor of shape {tuple(value.shape)} into {tuple(average.shape)}.')
             if average.is_floating_point():
                 floating_averages.append(average)
-                floating_values.append(value.detach())
+                # No detach: under no_grad the lerp records nothing, and a detach per tensor costs a dispatch.
+                floating_values.append(value)
             else:
                 average.copy_(value)
         if floating_averages:
