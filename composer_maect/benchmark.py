@@ -567,7 +567,7 @@ def run_decode(folder: str, views: tuple[Callable, Callable], args: argparse.Nam
                 views[1](image)
             rate = len(encoded) / (time.process_time() - start)
             row = {'row': 'decode', 'decoder': name, 'transform': args.data_transform, 'images': len(encoded)}
-            row['img_size'] = args.data_img_size
+            row.update({'img_size': args.data_img_size, 'threads': 1})
             rows.append({**row, 'samples_per_cpu_s': rate})
     finally:
         torch.set_num_threads(threads)
@@ -697,8 +697,8 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure the tuning step's peak memory per model and batch, with and without activation checkpointing."""
     rows = []
     measure = 'cuda max_memory_allocated' if args.device == 'cuda' else 'VmHWM above the RSS after imports'
-    models = args.memory_models.split(',') if args.memory_models else [args.model]
-    batches = [int(b) for b in args.memory_batches.split(',')] if args.memory_batches else [args.batch]
+    models = args.memory_models or [args.model]
+    batches = args.memory_batches or [args.batch]
     for model in models:
         for batch in batches:
             for checkpointing in (False, True):
@@ -743,15 +743,14 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     Each row has the images/s and MFU of ``run_tuning`` and ``peak_mib``, the peak allocated CUDA memory of a
     separate 2-step run of the Trainer alone (``probe_memory``). One GPU is one rank, so FSDP would not shard
-    anything and is not used.
+    anything and is not used. Without CUDA, returns one row whose ``skipped`` says why.
 
     NOTE: this path has not been run on a GPU yet. The time budget is checked only between models, so one slow model
     can exceed it.
     """
     if not torch.cuda.is_available():
         log.warning('Skipping the gpu rows: CUDA is not available on this machine.')
-        print('gpu: skipped, CUDA is not available on this machine.')
-        return []
+        return [{'row': 'gpu', 'skipped': 'CUDA is not available on this machine'}]
     gpu_args = argparse.Namespace(**vars(args))
     gpu_args.device, gpu_args.precision = 'cuda', 'bf16'
     gpu_args.img_size, gpu_args.patch_size, gpu_args.depth = 224, None, None
@@ -782,25 +781,41 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _comma_list(parser: argparse.ArgumentParser, option: str, value: str | None, cast: Callable = str) -> list | None:
+    """Split a comma-separated option value, or report the invalid item through ``parser.error``."""
+    if value is None:
+        return None
+    items = [item for item in value.split(',') if item]
+    if not items:
+        parser.error(f'{option} needs at least one comma-separated value, got {value!r}.')
+    try:
+        return [cast(item) for item in items]
+    except ValueError:
+        parser.error(f'{option} takes comma-separated {cast.__name__} values, got {value!r}.')
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog='python -m composer_maect.benchmark',
         description='Benchmark MAE-CT training steps in a Composer Trainer against plain PyTorch loops.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument('--model', default='vit_tiny_patch16', help='encoder alias or timm ViT name')
-    parser.add_argument('--img-size', type=int, default=32, help='image side in pixels for model rows (default: 32)')
-    parser.add_argument('--patch-size', type=int, default=None, help='patch side in pixels (default: the model)')
-    parser.add_argument('--depth', type=int, default=None, help='number of ViT blocks (default: the model)')
-    parser.add_argument('--batch', type=int, default=32, help='images per step (default: 32)')
-    parser.add_argument('--queue-size', type=int, default=4096, help='NNCLR queue entries (default: 4096)')
-    parser.add_argument('--steps', type=int, default=2, help='measured steps per side (default: 2)')
+    parser.add_argument('--img-size', type=int, default=32, help='image side in pixels for model rows')
+    parser.add_argument('--patch-size', type=int, default=None, help="patch side in pixels; None takes the model's")
+    parser.add_argument('--depth', type=int, default=None, help="number of ViT blocks; None takes the model's")
+    parser.add_argument('--batch', type=int, default=32, help='images per step')
+    parser.add_argument('--queue-size', type=int, default=4096, help='NNCLR queue entries')
+    parser.add_argument('--steps', type=int, default=2, help='measured steps per side')
     parser.add_argument(
-        '--blocks', type=int, default=None, help='alternating blocks the steps are split into (default: one per step)'
+        '--blocks', type=int, default=None, help='alternating blocks of steps; None gives one step per block'
     )
     parser.add_argument('--warmup', type=int, default=1, help='unmeasured steps per side before timing')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='torch intra-op threads')
-    parser.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32')
-    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument(
+        '--precision', choices=sorted(PRECISIONS), default='fp32', help='precision of the model rows (bf16 needs cuda)'
+    )
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu', help='device of the model rows')
     parser.add_argument('--rows', default=DEFAULT_ROWS, help=f'comma-separated rows among {",".join(ROW_NAMES)}')
     parser.add_argument('--json', default=None, metavar='OUT', help='write the rows to this JSON file')
     parser.add_argument('--data-images', type=int, default=128, help='JPEGs written for the data row')
@@ -810,10 +825,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         '--data-transform',
         choices=('contrastive', 'contrastive_aug', 'mae'),
         default='contrastive',
-        help='view pipeline of the data row (default: contrastive, the crop and flip of MAE-CT)',
+        help='view pipeline of the data row (contrastive: the crop and flip of MAE-CT)',
     )
-    parser.add_argument('--memory-models', default=None, help='comma-separated models of the memory row')
-    parser.add_argument('--memory-batches', default=None, help='comma-separated batch sizes of the memory row')
+    parser.add_argument(
+        '--memory-models', default=None, help='comma-separated models of the memory row; None takes --model'
+    )
+    parser.add_argument(
+        '--memory-batches', default=None, help='comma-separated batch sizes of the memory row; None takes --batch'
+    )
     parser.add_argument('--gpu-batch', type=int, default=64, help='images per step of the gpu rows')
     parser.add_argument(
         '--compile', action='store_true', help='compile every encoder block with torch.compile (first steps are slow)'
@@ -828,31 +847,71 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--grad-checkpointing', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    rows = [row for row in args.rows.split(',') if row]
+    rows = _comma_list(parser, '--rows', args.rows)
     unknown = sorted(set(rows) - set(ROW_NAMES))
     if unknown:
         parser.error(f'unknown rows {unknown}; choose among {list(ROW_NAMES)}.')
     args.rows = rows
     if args.blocks is None:
         args.blocks = args.steps
-    for name in ('batch', 'steps', 'threads', 'queue_size', 'img_size', 'blocks'):
+    positive = ['batch', 'steps', 'threads', 'queue_size', 'img_size', 'blocks', 'gpu_batch']
+    positive += ['data_images', 'data_img_size', 'data_batch']
+    positive += [name for name in ('depth', 'patch_size') if getattr(args, name) is not None]
+    for name in positive:
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
     if args.warmup < 0:
         parser.error(f'--warmup must be 0 or more, got {args.warmup}.')
+    if args.blocks > args.steps:
+        parser.error(
+            f'--blocks {args.blocks} must be at most --steps {args.steps}: every block times at least one step.'
+        )
     if args.queue_size % args.batch:
         parser.error(f'--queue-size {args.queue_size} must be a multiple of --batch {args.batch}.')
-    if 'gpu' in args.rows and args.queue_size % args.gpu_batch:
-        parser.error(f'--queue-size {args.queue_size} must be a multiple of --gpu-batch {args.gpu_batch}.')
+    args.memory_models = _comma_list(parser, '--memory-models', args.memory_models)
+    args.memory_batches = _comma_list(parser, '--memory-batches', args.memory_batches, int)
+    for batch in args.memory_batches or []:
+        if batch < 1 or args.queue_size % batch:
+            parser.error(
+                f'--memory-batches value {batch} must be a positive divisor of --queue-size {args.queue_size}.'
+            )
+    if 'data' in args.rows and args.data_images < 2 * args.data_batch:
+        # The first batch of every pass is not timed, so a pass needs a second one.
+        parser.error(
+            f'--data-images {args.data_images} must be at least twice --data-batch {args.data_batch}, so that '
+            'every pass times at least one batch.'
+        )
+    if 'gpu' in args.rows and torch.cuda.is_available() and args.queue_size % args.gpu_batch:
+        parser.error(
+            f'--queue-size {args.queue_size} must be a multiple of --gpu-batch {args.gpu_batch} for the gpu rows. '
+            'Change one of them, or leave gpu out of --rows.'
+        )
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda was requested but CUDA is not available. Use --device cpu.')
+    if args.precision == 'bf16' and args.device != 'cuda':
+        parser.error('--precision bf16 needs --device cuda: Composer trains in bf16 only on GPUs. Use fp32 on the CPU.')
+    if args.json is not None:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            parser.error(f'--json {args.json}: folder {folder} does not exist. Create it or choose another path.')
     return args
 
 
+def _model_config(row: dict[str, Any]) -> str:
+    config = row['model']
+    for key, label in (('depth', 'depth'), ('patch_size', 'patch')):
+        if row.get(key) is not None:
+            config += f' {label}={row[key]}'
+    return f'{config} img={row["img_size"]} batch={row["batch"]}'
+
+
 def _format_table(rows: list[dict[str, Any]]) -> str:
-    columns = ['row', 'config', 'maect', 'reference', 'overhead', 'mfu', 'device', 'precision', 'threads', 'command']
+    columns = ['row', 'config', 'maect', 'reference', 'overhead', 'mfu', 'device', 'precision', 'threads']
     lines = []
     for row in rows:
+        if 'skipped' in row:
+            lines.append([row['row'], f'skipped: {row["skipped"]}', '', '', '', '', '', '', ''])
+            continue
         if row['row'] == 'data':
             config = f'{row["transform"]} workers={row["num_workers"]} batch={row["batch"]} img={row["img_size"]}'
             maect = f'{row["samples_per_s_per_worker"]:.1f} samples/s/worker (MDS, decoder {row["decoder"]})'
@@ -863,10 +922,10 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
             maect = f'{row["samples_per_cpu_s"]:.1f} samples/CPU s (decode + 2 views, 1 thread)'
             reference, overhead, mfu = '-', '-', '-'
         elif row['row'] == 'memory':
-            config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]} ckpt={row["grad_checkpointing"]}'
+            config = f'{_model_config(row)} ckpt={row["grad_checkpointing"]}'
             maect, reference, overhead, mfu = f'{row["peak_mib"]:.0f} MiB peak', '-', '-', '-'
         else:
-            config = f'{row["model"]} img={row["img_size"]} batch={row["batch"]}'
+            config = _model_config(row)
             maect = f'{row["images_per_s"]:.2f} img/s'
             if 'peak_mib' in row:
                 maect += f', {row["peak_mib"]:.0f} MiB peak'
@@ -874,7 +933,7 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
             overhead = f'{row["overhead_ratio"]:+.3f} (cpu {row["cpu_overhead_ratio"]:+.3f})'
             mfu = f'{row["mfu"]:.3f} (ref {row["reference_mfu"]:.3f})'
         cells = [row['row'], config, maect, reference, overhead, mfu]
-        lines.append([*cells, row['device'], row['precision'], str(row['threads']), row['command']])
+        lines.append([*cells, row['device'], row['precision'], str(row['threads'])])
     widths = [max(len(columns[i]), *(len(line[i]) for line in lines)) for i in range(len(columns))]
     header = ' | '.join(name.ljust(width) for name, width in zip(columns, widths, strict=True))
     body = [' | '.join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
@@ -903,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(['python', '-m', 'composer_maect.benchmark', *(sys.argv[1:] if argv is None else argv)])
     needs_matmul = any(row in args.rows for row in ('tuning', 'mae'))
     matmul_dtype = PRECISIONS[args.precision][1] or torch.float32
-    matmul = measure_matmul_flops(args.device, matmul_dtype) if needs_matmul else 0
+    matmul = measure_matmul_flops(args.device, matmul_dtype) if needs_matmul else None
     rows: list[dict[str, Any]] = []
     if 'tuning' in args.rows:
         rows.append(run_tuning(args, matmul))
@@ -920,12 +979,16 @@ def main(argv: list[str] | None = None) -> int:
     if 'memory' in args.rows:
         rows.extend(run_memory(args))
     for row in rows:
-        row.update({'command': command, 'device': args.device, 'precision': args.precision, 'threads': args.threads})
+        row.update({'command': command, 'device': args.device, 'precision': args.precision})
+        row.setdefault('threads', args.threads)  # The decode rows run on one thread and say so.
+        if 'model' in row:
+            row.update({'depth': args.depth, 'patch_size': args.patch_size, 'queue_size': args.queue_size})
     if 'gpu' in args.rows:
         for row in run_gpu(args):
             row.update({'command': command, 'threads': args.threads})
             rows.append(row)
 
+    print(f'command: {command}')
     print(_format_table(rows))
     for row in rows:
         if 'profile_seconds' in row:

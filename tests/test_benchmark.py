@@ -83,6 +83,9 @@ def test_every_row_names_context(report, key):
     assert all(row['device'] == 'cpu' for row in report['rows'])
     assert all(row['precision'] == 'fp32' for row in report['rows'])
     assert all(row['threads'] == 1 for row in report['rows'])
+    model_rows = [row for row in report['rows'] if 'model' in row]
+    assert model_rows
+    assert all(row['depth'] == 2 and row['queue_size'] == 64 for row in model_rows)
 
 
 @pytest.mark.parametrize('name', ['tuning', 'mae'])
@@ -143,11 +146,15 @@ def test_decode_rows_compare_decoders(report):
         assert row['samples_per_cpu_s'] > 0
 
 
-def test_gpu_rows_skip_without_cuda(monkeypatch, capsys):
+def test_gpu_rows_skip_without_cuda(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: False)
-    args = benchmark._parse_args([*TINY_ARGS, '--rows', 'gpu'])
-    assert benchmark.run_gpu(args) == []
-    assert 'CUDA is not available' in capsys.readouterr().out
+    out = tmp_path / 'gpu.json'
+    assert benchmark.main([*TINY_ARGS, '--rows', 'gpu', '--json', str(out)]) == 0
+    assert 'skipped: CUDA is not available on this machine' in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report['matmul_flops_per_s'] is None
+    assert [row['row'] for row in report['rows']] == ['gpu']
+    assert report['rows'][0]['skipped'] == 'CUDA is not available on this machine'
 
 
 def test_cli_rejects_unknown_row(capsys):
@@ -160,3 +167,35 @@ def test_cli_rejects_queue_not_multiple_of_batch(capsys):
     with pytest.raises(SystemExit):
         benchmark._parse_args(['--batch', '3', '--queue-size', '64'])
     assert 'multiple of --batch' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ('argv', 'message'),
+    [
+        (['--data-batch', '0'], '--data-batch must be at least 1, got 0'),
+        (['--data-img-size', '0'], '--data-img-size must be at least 1, got 0'),
+        (['--depth', '0'], '--depth must be at least 1, got 0'),
+        (['--gpu-batch', '0'], '--gpu-batch must be at least 1, got 0'),
+        (['--steps', '2', '--blocks', '3'], '--blocks 3 must be at most --steps 2'),
+        (['--rows', 'data', '--data-images', '7', '--data-batch', '4'], 'must be at least twice --data-batch 4'),
+        (['--memory-batches', '8,x'], "--memory-batches takes comma-separated int values, got '8,x'"),
+        (['--memory-batches', '3', '--queue-size', '64'], '--memory-batches value 3 must be a positive divisor'),
+        (['--memory-models', ','], '--memory-models needs at least one comma-separated value'),
+        (['--precision', 'bf16'], '--precision bf16 needs --device cuda'),
+        (['--json', '/nonexistent-folder/rows.json'], 'folder /nonexistent-folder does not exist'),
+    ],
+)
+def test_cli_rejects_bad_values(capsys, argv, message):
+    with pytest.raises(SystemExit) as raised:
+        benchmark._parse_args(argv)
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_gpu_batch_checked_only_with_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: False)
+    assert benchmark._parse_args(['--batch', '4', '--queue-size', '96']).rows[-1] == 'gpu'
+    monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)
+    with pytest.raises(SystemExit):
+        benchmark._parse_args(['--batch', '4', '--queue-size', '96'])
+    assert 'or leave gpu out of --rows' in capsys.readouterr().err
