@@ -256,12 +256,21 @@ def test_pil_blur_grey_tensor_keeps_one_channel():
 
 
 @pytest.mark.parametrize(
-    'tensor',
-    [torch.rand(3, 8, 8), torch.zeros(4, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8)],
+    ('tensor', 'message'),
+    [
+        (torch.rand(3, 8, 8), 'Apply the step before converting the image to float'),
+        (torch.zeros(4, 8, 8, dtype=torch.uint8), r'with C 1 \(grey\) or 3 \(RGB\), got shape \(4, 8, 8\)'),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), r'expected one image \[C, H, W\]'),
+    ],
 )
-def test_pil_blur_rejects_other_tensors(tensor):
-    with pytest.raises(TypeError, match='Apply the step before converting the image to float'):
+def test_pil_blur_rejects_other_tensors(tensor, message):
+    with pytest.raises(TypeError, match=message):
         PILGaussianBlur()(tensor)
+
+
+def test_pil_blur_rejects_unsupported_pil_mode():
+    with pytest.raises(TypeError, match=r"PIL mode 'P' cannot be blurred.*image.convert"):
+        PILGaussianBlur()(Image.new('P', (8, 8)))
 
 
 @pytest.mark.parametrize('sigma', [(0.0, 1.0), (2.0, 1.0), (1.0,)])
