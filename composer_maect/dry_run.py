@@ -449,6 +449,8 @@ def _describe_data(cfg: TrainConfig, problems: list[str]) -> list[str]:
     options = ', '.join(f'{key}: {value}' for key, value in loader.transform.options().items())
     lines = [_row('data', f'split {loader.split or "(none)"}, {_plural(loader.views, "view")} per image')]
     lines.append(_row('', f'transform {loader.transform.name} ({options})'))
+    workers = _plural(loader.num_workers, 'DataLoader worker')
+    lines.append(_row('', f'decoder {loader.decoder}, {workers} per rank'))
     for text in _describe_split('train_loader', loader.remote, str(_train_folder(cfg)), split_problems, phase):
         lines.append(_row('', text))
     if cfg.prepare_data is not None:

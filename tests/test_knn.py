@@ -791,6 +791,7 @@ def test_knn_monitor_needs_one_vit():
         ({'temperature': 0.005}, 'temperature must be at least'),
         ({'batch_size': 0}, 'batch_size must be a positive int'),
         ({'num_workers': -1}, 'num_workers must be a non-negative int'),
+        ({'decoder': 'PIL'}, "Unknown decoder 'PIL'"),
         ({'max_train_samples': 0}, 'max_train_samples must be a positive int or None'),
         ({'img_size': 0}, 'img_size must be a positive int'),
         ({'std': (0.2, 0.0, 0.2)}, 'std values must be positive'),

@@ -283,6 +283,7 @@ def test_dry_run_mnist_recipe(capsys):
     assert set(_group_lrs(sections['head_init'])) == {'head.decay', 'head.no_decay'}
     assert {'encoder.block3.decay', 'encoder.block5.decay'} <= set(_group_lrs(sections['tuning']))
     assert "train_loader has no MDS shards (index.json) in '/nonexistent/mnist5k/train' and no remote" in report
+    assert 'decoder auto, 2 DataLoader workers per rank' in report
 
 
 def test_dry_run_reports_local_checkpoint_and_shards(tmp_path, capsys):

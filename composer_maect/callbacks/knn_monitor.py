@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from composer_maect.data.dataset import build_image_dataloader
+from composer_maect.data.decode import check_decoder
 from composer_maect.data.transforms import build_transform
 from composer_maect.evaluation.features import extract_features
 from composer_maect.evaluation.knn import MIN_TEMPERATURE, knn_accuracy
@@ -183,6 +184,8 @@ class KNNMonitor(Callback):
             epochs.
         batch_size: images per forward pass on each rank.
         num_workers: DataLoader worker processes per split.
+        decoder: the image decoder of ``ImageStreamingDataset``: ``'auto'`` (JPEGs with
+            ``torchvision.io.decode_jpeg``, other formats with PIL) or ``'pil'``.
         train_remote, val_remote: where the split's shards live (``s3://...`` or another Streaming remote), or None
             to read the local folders.
         max_train_samples: use at most this many train samples as the bank (the first ones in the split's order),
@@ -217,6 +220,7 @@ class KNNMonitor(Callback):
         interval: str | int | Time = '1ep',
         batch_size: int = 256,
         num_workers: int = 0,
+        decoder: str = 'auto',
         train_remote: str | None = None,
         val_remote: str | None = None,
         max_train_samples: int | None = None,
@@ -239,6 +243,7 @@ class KNNMonitor(Callback):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f'num_workers must be a non-negative int, got {num_workers!r}.')
         _check_optional_positive_int('max_train_samples', max_train_samples)
+        self.decoder = check_decoder(decoder)
 
         self.train_local = train_local
         self.val_local = val_local
@@ -375,5 +380,6 @@ class KNNMonitor(Callback):
             transform=self.transform,
             shuffle=False,
             drop_last=False,
+            decoder=self.decoder,
             num_workers=self.num_workers,
         )

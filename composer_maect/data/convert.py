@@ -117,7 +117,8 @@ class ConversionReport:
 
     def format(self, max_skipped: int = _MAX_SKIPPED_IN_SUMMARY) -> str:
         """Return a human-readable summary that lists up to ``max_skipped`` skipped files."""
-        lines = [f'Converted {self.source} ({self.layout}, {len(self.classes)} classes) into {self.out}']
+        classes = f'{len(self.classes)} class' + ('' if len(self.classes) == 1 else 'es')
+        lines = [f'Converted {self.source} ({self.layout}, {classes}) into {self.out}']
         for split, num in self.num_samples.items():
             empty = [name for name, count in self.counts[split].items() if count == 0]
             note = f' ({len(empty)} classes without images: {", ".join(empty)})' if empty else ''
@@ -483,7 +484,12 @@ def convert(
             )
             report.counts[split] = counts
             report.skipped.extend(skipped)
-            log.info('Wrote split %s: %d images, %d files skipped', split, sum(counts.values()), len(skipped))
+            log.info(
+                'Wrote split %s: %d images, %d files that failed to decode left out',
+                split,
+                sum(counts.values()),
+                len(skipped),
+            )
             if not any(counts.values()):
                 raise ValueError(
                     f'No readable image in split {split} of {source!r}. All {len(skipped)} files failed to decode, '

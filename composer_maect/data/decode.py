@@ -16,7 +16,7 @@ import struct
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,12 @@ def decode_image(data: bytes) -> Image.Image:
         OSError, SyntaxError, ValueError, EOFError, struct.error, PIL.Image.DecompressionBombError: the bytes are not
             a readable image.
     """
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # PIL's message names the address of the in-memory buffer, which tells the reader nothing.
+        raise UnidentifiedImageError('the bytes are not in an image format that PIL can identify') from None
+    with opened as image:
         if image.mode == 'F':
             raise ValueError(
                 'floating-point pixels (PIL mode F) have no standard 8-bit scale; convert the image to 8-bit or '
