@@ -236,6 +236,17 @@ def _adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     return build_adamw(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
 
 
+def _trainer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the Trainer arguments that every benchmark Trainer shares: device, precision, seed, no console output."""
+    return {
+        'device': 'gpu' if args.device == 'cuda' else 'cpu',
+        'precision': PRECISIONS[args.precision][0],
+        'progress_bar': False,
+        'log_to_console': False,
+        'seed': 17,
+    }
+
+
 def _build_tuning_trainer(
     args: argparse.Namespace, model_name: str | None, callbacks: list, grad_checkpointing: bool = False
 ) -> tuple[Any, Any]:
@@ -261,11 +272,7 @@ def _build_tuning_trainer(
         algorithms=algorithms,
         callbacks=callbacks,
         train_dataloader=_trainer_loader(args, views=2),
-        device='gpu' if args.device == 'cuda' else 'cpu',
-        precision=PRECISIONS[args.precision][0],
-        progress_bar=False,
-        log_to_console=False,
-        seed=17,
+        **_trainer_options(args),
     )
     return trainer, model
 
@@ -434,11 +441,7 @@ def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
         optimizers=_adamw(model),
         callbacks=[timer.callback],
         train_dataloader=_trainer_loader(args, views=1),
-        device='gpu' if args.device == 'cuda' else 'cpu',
-        precision=PRECISIONS[args.precision][0],
-        progress_bar=False,
-        log_to_console=False,
-        seed=17,
+        **_trainer_options(args),
     )
     # The reference drives the very model the Trainer holds, with its own optimizer state.
     reference_optimizer = _adamw(model)
