@@ -125,3 +125,22 @@ def run_script_on_ranks(
     result = subprocess.run(args, cwd=cwd or out_dir, env=env, capture_output=True, text=True, timeout=timeout)
     logs = ''.join(path.read_text()[-3000:] for path in sorted(out_dir.glob('rank*.err')))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
+
+
+# Rank layout that Composer reads from the environment once a torch.distributed group exists.
+SINGLE_RANK_ENV = {'WORLD_SIZE': '1', 'RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'NODE_RANK': '0'}
+
+
+@pytest.fixture
+def single_rank_group(tmp_path, monkeypatch):
+    """A one-process gloo group on a file store, in place of a multi-rank launch, destroyed after the test.
+
+    It lets DistributedDataParallel or FSDP wrap a model in the test's own process, as Composer does on several ranks.
+    """
+    import torch.distributed
+
+    for name, value in SINGLE_RANK_ENV.items():
+        monkeypatch.setenv(name, value)
+    torch.distributed.init_process_group('gloo', init_method=(tmp_path / 'store').as_uri(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
