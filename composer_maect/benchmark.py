@@ -236,6 +236,17 @@ def _adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     return build_adamw(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
 
 
+def _trainer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the Trainer arguments that every benchmark Trainer shares: device, precision, seed, no console output."""
+    return {
+        'device': 'gpu' if args.device == 'cuda' else 'cpu',
+        'precision': PRECISIONS[args.precision][0],
+        'progress_bar': False,
+        'log_to_console': False,
+        'seed': 17,
+    }
+
+
 def _build_tuning_trainer(
     args: argparse.Namespace, model_name: str | None, callbacks: list, grad_checkpointing: bool = False
 ) -> tuple[Any, Any]:
@@ -261,11 +272,7 @@ def _build_tuning_trainer(
         algorithms=algorithms,
         callbacks=callbacks,
         train_dataloader=_trainer_loader(args, views=2),
-        device='gpu' if args.device == 'cuda' else 'cpu',
-        precision=PRECISIONS[args.precision][0],
-        progress_bar=False,
-        log_to_console=False,
-        seed=17,
+        **_trainer_options(args),
     )
     return trainer, model
 
@@ -275,14 +282,17 @@ def _autocast(args: argparse.Namespace) -> Any:
     return torch.autocast(args.device, dtype=dtype, enabled=dtype is not None)
 
 
-def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> Callable[[int], float]:
-    """Return a function that runs ``n`` plain steps of the reference and returns their total seconds."""
-    from composer_maect.algorithms.layerwise_unfreezing import freeze_lower_layers
+def _plain_loop(
+    args: argparse.Namespace,
+    host_batch: dict[str, torch.Tensor],
+    compute_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+) -> BlockRunner:
+    """Return a function that runs ``n`` plain training steps and returns their total ``(wall, CPU)`` seconds.
 
-    vit = _create_vit(args, model_name).to(args.device)
-    freeze_lower_layers(vit, len(vit.blocks) // 2)
-    optimizer = _adamw(vit)
-    host_batch = _host_batch(args, views=2)
+    Each step copies ``host_batch`` to the device, computes ``compute_loss(batch)`` under autocast, runs the backward
+    pass and the optimizer step.
+    """
 
     def run(steps: int) -> tuple[float, float]:
         _synchronize(args.device)
@@ -290,8 +300,7 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
         for _ in range(steps):
             batch = _to_device(host_batch, args.device)
             with _autocast(args):
-                tokens = vit.forward_features(torch.cat([batch['view0'], batch['view1']]))  # [2B, 1 + N, D]
-                loss = tokens[:, 0].float().mean()
+                loss = compute_loss(batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -299,6 +308,22 @@ def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> 
         return _elapsed(start)
 
     return run
+
+
+def _reference_tuning_step(args: argparse.Namespace, model_name: str | None) -> BlockRunner:
+    """Return the tuning row's reference runner: plain steps of the ViT with the lower half of its blocks frozen."""
+    from composer_maect.algorithms.layerwise_unfreezing import freeze_lower_layers
+
+    vit = _create_vit(args, model_name).to(args.device)
+    freeze_lower_layers(vit, len(vit.blocks) // 2)
+    optimizer = _adamw(vit)
+    host_batch = _host_batch(args, views=2)
+
+    def class_token_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = vit.forward_features(torch.cat([batch['view0'], batch['view1']]))  # [2B, 1 + N, D]
+        return tokens[:, 0].float().mean()
+
+    return _plain_loop(args, host_batch, class_token_loss, optimizer)
 
 
 def _throughput_row(
@@ -416,29 +441,13 @@ def run_mae(args: argparse.Namespace, matmul_flops: float) -> dict[str, Any]:
         optimizers=_adamw(model),
         callbacks=[timer.callback],
         train_dataloader=_trainer_loader(args, views=1),
-        device='gpu' if args.device == 'cuda' else 'cpu',
-        precision=PRECISIONS[args.precision][0],
-        progress_bar=False,
-        log_to_console=False,
-        seed=17,
+        **_trainer_options(args),
     )
     # The reference drives the very model the Trainer holds, with its own optimizer state.
     reference_optimizer = _adamw(model)
     host_batch = _host_batch(args, views=1)
 
-    def run_reference(steps: int) -> tuple[float, float]:
-        _synchronize(args.device)
-        start = _clock()
-        for _ in range(steps):
-            batch = _to_device(host_batch, args.device)
-            with _autocast(args):
-                loss = model.loss(model(batch), batch)
-            loss.backward()
-            reference_optimizer.step()
-            reference_optimizer.zero_grad(set_to_none=True)
-        _synchronize(args.device)
-        return _elapsed(start)
-
+    run_reference = _plain_loop(args, host_batch, lambda batch: model.loss(model(batch), batch), reference_optimizer)
     trainer_times, reference_times = _interleave(lambda n: timer.run(trainer, n), run_reference, args)
     flops = model.flops_per_batch(host_batch)
     trainer.close()

@@ -90,3 +90,57 @@ def composer_launcher() -> list[str]:
 def run_command(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_script_on_ranks(
+    script: Path,
+    out_dir: Path,
+    num_processes: int,
+    *script_args: str,
+    fsdp_version: str | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+) -> None:
+    """Run ``script OUT_DIR *script_args`` under Composer's launcher on ``num_processes`` gloo ranks on 127.0.0.1.
+
+    Rank r writes its stdout and stderr to ``out_dir/rank{r}.out`` and ``.err``. The ranks see ``FSDP_VERSION`` only
+    when ``fsdp_version`` is given. A failed run fails the test with the tail of the launcher's and every rank's output.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    env.pop('FSDP_VERSION', None)
+    if fsdp_version is not None:
+        env['FSDP_VERSION'] = fsdp_version
+    args = [
+        *composer_launcher(),
+        '-n',
+        str(num_processes),
+        '--stdout',
+        str(out_dir / 'rank{rank}.out'),
+        '--stderr',
+        str(out_dir / 'rank{rank}.err'),
+        str(script),
+        str(out_dir),
+        *script_args,
+    ]
+    result = subprocess.run(args, cwd=cwd or out_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    logs = ''.join(path.read_text()[-3000:] for path in sorted(out_dir.glob('rank*.err')))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
+
+
+# Rank layout that Composer reads from the environment once a torch.distributed group exists.
+SINGLE_RANK_ENV = {'WORLD_SIZE': '1', 'RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'NODE_RANK': '0'}
+
+
+@pytest.fixture
+def single_rank_group(tmp_path, monkeypatch):
+    """A one-process gloo group on a file store, in place of a multi-rank launch, destroyed after the test.
+
+    It lets DistributedDataParallel or FSDP wrap a model in the test's own process, as Composer does on several ranks.
+    """
+    import torch.distributed
+
+    for name, value in SINGLE_RANK_ENV.items():
+        monkeypatch.setenv(name, value)
+    torch.distributed.init_process_group('gloo', init_method=(tmp_path / 'store').as_uri(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()

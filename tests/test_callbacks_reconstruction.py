@@ -15,9 +15,6 @@ from torch.utils.data import DataLoader, Dataset
 from composer_maect.callbacks.reconstruction import ReconstructionImages
 from composer_maect.models import MAEModel, create_encoder, normalize_patches, patchify
 
-# Rank layout that Composer reads from the environment once a torch.distributed group exists.
-SINGLE_RANK_ENV = {'WORLD_SIZE': '1', 'RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'NODE_RANK': '0'}
-
 IMG = 32
 PATCH = 8
 PADDING = 2  # make_grid's border, in pixels
@@ -162,33 +159,25 @@ def test_single_channel_images(tmp_path):
         assert image.size == grid_size(2)
 
 
-def test_finds_model_through_ddp(tmp_path, monkeypatch):
-    # A one-process gloo group on a file store, so that DistributedDataParallel can wrap the model as Composer
-    # does on several ranks.
-    for name, value in SINGLE_RANK_ENV.items():
-        monkeypatch.setenv(name, value)
-    torch.distributed.init_process_group('gloo', init_method=(tmp_path / 'store').as_uri(), rank=0, world_size=1)
-    try:
-        model = tiny_mae()
-        callback = ReconstructionImages(interval='1ba', num_images=2, folder=str(tmp_path / 'out'))
-        trainer = Trainer(
-            model=model,
-            train_dataloader=DataLoader(ImageDataset(4), batch_size=2),
-            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-            max_duration='1ba',
-            device='cpu',
-            precision='fp32',
-            callbacks=[callback],
-            run_name=RUN_NAME,
-            progress_bar=False,
-            log_to_console=False,
-        )
-        trainer.state.model = DistributedDataParallel(trainer.state.model)
-        trainer.fit()
-        assert isinstance(trainer.state.model, DistributedDataParallel)
-        assert [path.name for path in (tmp_path / 'out').iterdir()] == ['reconstruction-ep0-ba1.png']
-    finally:
-        torch.distributed.destroy_process_group()
+def test_finds_model_through_ddp(tmp_path, single_rank_group):
+    model = tiny_mae()
+    callback = ReconstructionImages(interval='1ba', num_images=2, folder=str(tmp_path / 'out'))
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(ImageDataset(4), batch_size=2),
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        max_duration='1ba',
+        device='cpu',
+        precision='fp32',
+        callbacks=[callback],
+        run_name=RUN_NAME,
+        progress_bar=False,
+        log_to_console=False,
+    )
+    trainer.state.model = DistributedDataParallel(trainer.state.model)
+    trainer.fit()
+    assert isinstance(trainer.state.model, DistributedDataParallel)
+    assert [path.name for path in (tmp_path / 'out').iterdir()] == ['reconstruction-ep0-ba1.png']
 
 
 def test_rejects_other_models(tmp_path):

@@ -23,7 +23,7 @@ from composer_maect.models.encoder_model import ViTEncoderModel
 from composer_maect.models.global_batchnorm import GlobalBatchNorm1d
 from composer_maect.models.vit import create_encoder
 
-from .conftest import REPO, composer_launcher, run_command
+from .conftest import REPO, run_script_on_ranks
 
 NUM_CLASSES = 10
 DEPTH = 4
@@ -483,21 +483,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def run_script(out_dir: Path, num_processes: int) -> list[dict]:
     """Run the tuning script on ``num_processes`` gloo ranks on 127.0.0.1 and return each rank's results."""
     out_dir.mkdir()
-    script = REPO / 'tests' / 'scripts' / 'contrastive_tuning_run.py'
-    args = [
-        *composer_launcher(),
-        '-n',
-        str(num_processes),
-        '--stdout',
-        str(out_dir / 'rank{rank}.out'),
-        '--stderr',
-        str(out_dir / 'rank{rank}.err'),
-        str(script),
-        str(out_dir),
-    ]
-    result = run_command(args, cwd=out_dir, timeout=300)
-    logs = ''.join(path.read_text()[-3000:] for path in sorted(out_dir.glob('rank*.err')))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
+    run_script_on_ranks(REPO / 'tests' / 'scripts' / 'contrastive_tuning_run.py', out_dir, num_processes)
     return [torch.load(out_dir / f'rank{rank}.pt') for rank in range(num_processes)]
 
 

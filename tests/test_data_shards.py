@@ -7,7 +7,7 @@ import pytest
 
 from composer_maect.data.convert import convert
 from composer_maect.data.dataset import build_image_dataloader
-from composer_maect.data.shards import ShardError, check_local_shards
+from composer_maect.data.shards import ShardError, check_local_shards, join_truncated
 
 
 @pytest.fixture(scope='module')
@@ -80,3 +80,13 @@ def test_dataloader_rejects_truncated_shard(digit_shards, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ShardError, match=r'shard\.00000\.mds: '):
         build_image_dataloader(local=str(split), batch_size=8)
+
+
+def test_join_truncated_at_limit():
+    assert join_truncated(['a', 'b', 'c'], ', ', 3) == 'a, b, c'
+    assert join_truncated([], ', ', 3) == ''
+
+
+def test_join_truncated_over_limit():
+    assert join_truncated(['a', 'b', 'c', 'd', 'e'], ', ', 3) == 'a, b, c, ... and 2 more'
+    assert join_truncated(['a', 'b'], '\n  ', 1) == 'a\n  ... and 1 more'

@@ -39,7 +39,7 @@ from composer_maect.models.encoder_model import ViTEncoderModel
 from composer_maect.models.vit import create_encoder
 from composer_maect.train import check_config, main
 
-from .conftest import REPO, YAMLS, composer_launcher
+from .conftest import REPO, YAMLS, composer_launcher, run_script_on_ranks
 
 FSDP_RECIPES = sorted(path for path in YAMLS.glob('*.yaml') if 'fsdp_config:' in path.read_text())
 RECIPE_SETTINGS = {
@@ -276,26 +276,9 @@ def test_average_gloo_gradients_without_group():
 
 def run_tuning_script(out_dir: Path, num_processes: int, *extra_args: str) -> list[dict]:
     out_dir.mkdir()
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    env.pop('FSDP_VERSION', None)
-    if num_processes > 1:
-        env['FSDP_VERSION'] = '2'
     script = REPO / 'tests' / 'scripts' / 'fsdp_tuning_run.py'
-    args = [
-        *composer_launcher(),
-        '-n',
-        str(num_processes),
-        '--stdout',
-        str(out_dir / 'rank{rank}.out'),
-        '--stderr',
-        str(out_dir / 'rank{rank}.err'),
-        str(script),
-        str(out_dir),
-        *extra_args,
-    ]
-    result = subprocess.run(args, cwd=out_dir, env=env, capture_output=True, text=True, timeout=400)
-    logs = ''.join(path.read_text()[-3000:] for path in sorted(out_dir.glob('rank*.err')))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
+    fsdp_version = '2' if num_processes > 1 else None
+    run_script_on_ranks(script, out_dir, num_processes, *extra_args, fsdp_version=fsdp_version, timeout=400)
     return [torch.load(out_dir / f'rank{rank}.pt') for rank in range(num_processes)]
 
 

@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from composer_maect.algorithms.layerwise_unfreezing import (
 from composer_maect.models.mae import MAEModel
 from composer_maect.models.vit import create_encoder
 
-from .conftest import REPO, composer_launcher
+from .conftest import REPO, run_script_on_ranks
 
 NUM_CLASSES = 10
 DEPTH = 4
@@ -629,28 +627,9 @@ def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
     """Run the script on two gloo ranks on 127.0.0.1 and return each rank's results."""
     out_dir = tmp_path / mode
     out_dir.mkdir()
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    env.pop('FSDP_VERSION', None)
-    if mode == 'fsdp2':
-        env['FSDP_VERSION'] = '2'
     script = REPO / 'tests' / 'scripts' / 'layerwise_unfreezing_run.py'
-    args = [
-        *composer_launcher(),
-        '-n',
-        '2',
-        '--stdout',
-        str(out_dir / 'rank{rank}.out'),
-        '--stderr',
-        str(out_dir / 'rank{rank}.err'),
-        str(script),
-        str(out_dir),
-        '--mode',
-        mode,
-    ]
-    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-
-    logs = ''.join(path.read_text()[-3000:] for path in sorted(out_dir.glob('rank*.err')))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs
+    fsdp_version = '2' if mode == 'fsdp2' else None
+    run_script_on_ranks(script, out_dir, 2, '--mode', mode, fsdp_version=fsdp_version, cwd=tmp_path)
     return [json.loads((out_dir / f'rank{rank}.json').read_text()) for rank in range(2)]
 
 

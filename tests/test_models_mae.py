@@ -28,9 +28,6 @@ from composer_maect.models import (
     unpatchify,
 )
 
-# Rank layout that Composer reads from the environment once a torch.distributed group exists.
-SINGLE_RANK_ENV = {'WORLD_SIZE': '1', 'RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'NODE_RANK': '0'}
-
 IMG = 32
 PATCH = 8
 NUM_PATCHES = (IMG // PATCH) ** 2
@@ -494,36 +491,30 @@ def test_mae_model_trains_with_speed_monitor():
 
 
 @pytest.mark.filterwarnings('ignore:FSDP2 Config/APIs are experimental:UserWarning')
-def test_mae_model_fsdp2_wraps_blocks(tmp_path, monkeypatch):
-    # FSDP2 runs on CPU. A one-process gloo group on a file store takes the place of a multi-rank launch.
-    for name, value in SINGLE_RANK_ENV.items():
-        monkeypatch.setenv(name, value)
-    torch.distributed.init_process_group('gloo', init_method=(tmp_path / 'store').as_uri(), rank=0, world_size=1)
-    try:
-        model = tiny_mae()
-        in_memory = InMemoryLogger()
-        trainer = Trainer(
-            model=model,
-            train_dataloader=DataLoader(_ImageDataset(8), batch_size=4),
-            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-            max_duration='2ba',
-            device='cpu',
-            parallelism_config={'fsdp': FSDP2Config(activation_checkpointing=True)},
-            loggers=[in_memory],
-            progress_bar=False,
-            log_to_console=False,
-        )
-        wrapped = trainer.state.model
-        assert isinstance(wrapped.encoder, FSDPModule)
-        assert isinstance(wrapped.decoder, FSDPModule)
-        for block in [*wrapped.encoder.vit.blocks, *wrapped.decoder.decoder_blocks]:
-            assert isinstance(block, CheckpointWrapper)
-            assert isinstance(block._checkpoint_wrapped_module, FSDPModule)
-        assert not isinstance(wrapped.encoder.vit.patch_embed, FSDPModule)
+def test_mae_model_fsdp2_wraps_blocks(single_rank_group):
+    # FSDP2 runs on CPU.
+    model = tiny_mae()
+    in_memory = InMemoryLogger()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(_ImageDataset(8), batch_size=4),
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        max_duration='2ba',
+        device='cpu',
+        parallelism_config={'fsdp': FSDP2Config(activation_checkpointing=True)},
+        loggers=[in_memory],
+        progress_bar=False,
+        log_to_console=False,
+    )
+    wrapped = trainer.state.model
+    assert isinstance(wrapped.encoder, FSDPModule)
+    assert isinstance(wrapped.decoder, FSDPModule)
+    for block in [*wrapped.encoder.vit.blocks, *wrapped.decoder.decoder_blocks]:
+        assert isinstance(block, CheckpointWrapper)
+        assert isinstance(block._checkpoint_wrapped_module, FSDPModule)
+    assert not isinstance(wrapped.encoder.vit.patch_embed, FSDPModule)
 
-        trainer.fit()
-        losses = [float(value) for _, value in in_memory.data['loss/train/total']]
-        assert len(losses) == 2
-        assert all(math.isfinite(loss) for loss in losses)
-    finally:
-        torch.distributed.destroy_process_group()
+    trainer.fit()
+    losses = [float(value) for _, value in in_memory.data['loss/train/total']]
+    assert len(losses) == 2
+    assert all(math.isfinite(loss) for loss in losses)

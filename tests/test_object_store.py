@@ -89,6 +89,20 @@ def _mae_overrides(data_url: str, cache: str, save_folder: str) -> list[str]:
     ]
 
 
+def _remote_split_error(url: str, split: str | None) -> str:
+    """Return the message of the RemoteDataError that ``check_remote_split(url, split)`` must raise."""
+    with pytest.raises(RemoteDataError) as error:
+        check_remote_split(url, split)
+    return str(error.value)
+
+
+def _closed_port() -> int:
+    """Return a port on 127.0.0.1 that was free a moment ago, so that connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checks before training
 # ---------------------------------------------------------------------------------------------------------------------
@@ -102,51 +116,38 @@ def test_check_passes_on_complete_split(remote_mnist):
 
 
 def test_check_unreachable_endpoint(remote_mnist, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        closed_port = sock.getsockname()[1]
+    closed_port = _closed_port()
     monkeypatch.setenv('S3_ENDPOINT_URL', f'http://127.0.0.1:{closed_port}')
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(remote_mnist, 'train')
-    message = str(error.value)
+    message = _remote_split_error(remote_mnist, 'train')
     assert f'{remote_mnist}/train/index.json' in message
     assert f'http://127.0.0.1:{closed_port}' in message
     assert 'Check S3_ENDPOINT_URL' in message
 
 
 def test_check_endpoint_password_not_shown(remote_mnist, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        closed_port = sock.getsockname()[1]
+    closed_port = _closed_port()
     monkeypatch.setenv('S3_ENDPOINT_URL', f'http://user:endpoint-password@127.0.0.1:{closed_port}')
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(remote_mnist, 'train')
-    assert f'http://127.0.0.1:{closed_port}' in str(error.value)
-    assert 'endpoint-password' not in str(error.value)
+    message = _remote_split_error(remote_mnist, 'train')
+    assert f'http://127.0.0.1:{closed_port}' in message
+    assert 'endpoint-password' not in message
 
 
 def test_check_misspelled_bucket(remote_mnist, s3_bucket):
     url = remote_mnist.replace(s3_bucket.name, f'{s3_bucket.name}-typo')
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(url, 'train')
-    message = str(error.value)
+    message = _remote_split_error(url, 'train')
     assert f"Bucket '{s3_bucket.name}-typo'" in message
     assert 'does not exist' in message
     assert 'Check the bucket name in train_loader.remote' in message
 
 
 def test_check_misspelled_prefix(remote_mnist, s3_bucket):
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(s3_bucket.url('mnsit'), 'train')
-    message = str(error.value)
+    message = _remote_split_error(s3_bucket.url('mnsit'), 'train')
     assert f'{s3_bucket.url("mnsit/train/index.json")} not found' in message
     assert f"s3://{s3_bucket.name}/ has the folders ['mnist']" in message
 
 
 def test_check_missing_split_names_splits(remote_mnist):
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(remote_mnist, None)
-    message = str(error.value)
+    message = _remote_split_error(remote_mnist, None)
     assert f'{remote_mnist}/index.json not found' in message
     assert "sub-folders ['train', 'val']: set train_loader.split" in message
 
@@ -154,9 +155,7 @@ def test_check_missing_split_names_splits(remote_mnist):
 def test_check_missing_credentials(remote_mnist, monkeypatch):
     monkeypatch.delenv('AWS_ACCESS_KEY_ID')
     monkeypatch.delenv('AWS_SECRET_ACCESS_KEY')
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(remote_mnist, 'train')
-    message = str(error.value)
+    message = _remote_split_error(remote_mnist, 'train')
     assert f'Access denied to {remote_mnist}/train/index.json' in message
     assert 'no AWS credentials were found' in message
     assert 'AWS_ACCESS_KEY_ID' in message
@@ -176,9 +175,7 @@ def test_check_access_denied(remote_mnist, s3_bucket):
         ],
     }
     s3_bucket.client().put_bucket_policy(Bucket=s3_bucket.name, Policy=json.dumps(policy))
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(remote_mnist, 'train')
-    message = str(error.value)
+    message = _remote_split_error(remote_mnist, 'train')
     assert f'Access denied to {remote_mnist}/train/index.json' in message
     assert 'Check that the credentials are valid' in message
     assert s3_bucket.secret_access_key not in message
@@ -186,17 +183,14 @@ def test_check_access_denied(remote_mnist, s3_bucket):
 
 def test_check_partial_credentials(remote_mnist, monkeypatch):
     monkeypatch.delenv('AWS_SECRET_ACCESS_KEY')
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(remote_mnist, 'train')
-    assert 'missing: AWS_SECRET_ACCESS_KEY' in str(error.value)
+    message = _remote_split_error(remote_mnist, 'train')
+    assert 'missing: AWS_SECRET_ACCESS_KEY' in message
 
 
 def test_check_missing_shard(remote_mnist, s3_bucket):
     shard_keys = [key for key in s3_bucket.keys('mnist/train/') if key.endswith('.mds')]
     s3_bucket.client().delete_object(Bucket=s3_bucket.name, Key=shard_keys[-1])
-    with pytest.raises(RemoteDataError) as error:
-        check_remote_split(remote_mnist, 'train')
-    message = str(error.value)
+    message = _remote_split_error(remote_mnist, 'train')
     assert f'{remote_mnist}/train/index.json lists {len(shard_keys)} shards' in message
     assert f'1 of them are missing in {remote_mnist}/train: {shard_keys[-1].rsplit("/", 1)[1]}' in message
 

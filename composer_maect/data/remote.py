@@ -22,6 +22,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from composer_maect.data.shards import join_truncated
+
 __all__ = [
     'RemoteDataError',
     'RemoteSplit',
@@ -91,11 +93,10 @@ def _check_shards(index: dict[str, Any], index_url: str, folder_url: str, existi
     shard_names = _shard_names(index, index_url)
     missing = [names[0] for names in shard_names if not names or not any(name in existing for name in names)]
     if missing:
-        listed_names = ', '.join(missing[:_MAX_LISTED_NAMES])
-        more = f' and {len(missing) - _MAX_LISTED_NAMES} more' if len(missing) > _MAX_LISTED_NAMES else ''
+        listed_names = join_truncated(missing, ', ', _MAX_LISTED_NAMES)
         raise RemoteDataError(
             f'{index_url} lists {len(shard_names)} shards, but {len(missing)} of them are missing in {folder_url}: '
-            f'{listed_names}{more}. Upload the missing shard files again, or convert the data set again into an empty '
+            f'{listed_names}. Upload the missing shard files again, or convert the data set again into an empty '
             'folder.'
         )
     num_samples = sum(int(shard.get('samples', 0)) for shard in index['shards'])

@@ -23,6 +23,14 @@ class ShardError(ValueError):
     """Local shards that do not match their ``index.json``. The message lists each shard file and its problem."""
 
 
+def join_truncated(items: list[str], separator: str, max_items: int) -> str:
+    """Join the first ``max_items`` items with ``separator`` and append the count of the rest, for error messages."""
+    joined = separator.join(items[:max_items])
+    if len(items) > max_items:
+        joined += f'{separator}... and {len(items) - max_items} more'
+    return joined
+
+
 def _file_size(path: str) -> int | None:
     try:
         return os.path.getsize(path)
@@ -86,11 +94,10 @@ def check_local_shards(folder: str) -> int:
         ) from err
 
     if problems:
-        listed = '\n  '.join(problems[:_MAX_LISTED])
-        more = f'\n  ... and {len(problems) - _MAX_LISTED} more' if len(problems) > _MAX_LISTED else ''
+        listed = join_truncated(problems, '\n  ', _MAX_LISTED)
         raise ShardError(
             f'{len(problems)} of the {len(shards)} shard files listed in {index_path} cannot be read:\n'
-            f'  {listed}{more}\n'
+            f'  {listed}\n'
             f'Training on them would fail or silently skip their samples. Convert the data again into an empty '
             f'folder (`{CONVERT_COMMAND}`), or copy or download the split again from where it came from. If the '
             f'shards live in a remote, set the remote (train_loader.remote) so that Streaming downloads them.'

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import timm
@@ -26,15 +27,14 @@ import torch
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
 from composer.utils import dist
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tuning_setup import GLOBAL_BATCH, build_tuning, trainer_kwargs
 
 from composer_maect.algorithms import ContrastiveTuning, LayerwiseUnfreezing
-from composer_maect.models.encoder_model import ViTEncoderModel
-from composer_maect.models.vit import create_encoder
 
-GLOBAL_BATCH = 8
 BATCHES = 3
-NUM_CLASSES = 3
 # Parameters whose gradients are compared: a head Linear weight, a head batch-norm weight and a weight of block 3,
 # which LayerwiseUnfreezing leaves trainable.
 GRADIENT_PARAMS = (
@@ -42,27 +42,6 @@ GRADIENT_PARAMS = (
     'maect_head.head.projector.1.weight',
     'encoder.blocks.3.attn.qkv.weight',
 )
-
-
-class FixedViews(Dataset):
-    """Samples ``{'view0', 'view1', 'index', 'label'}`` drawn once from a seeded generator, the same on every rank."""
-
-    def __init__(self, num_samples: int, seed: int = 1):
-        generator = torch.Generator().manual_seed(seed)
-        self.view0 = torch.randn(num_samples, 3, 32, 32, generator=generator)
-        self.view1 = torch.randn(num_samples, 3, 32, 32, generator=generator)
-        self.labels = torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {
-            'view0': self.view0[index],
-            'view1': self.view1[index],
-            'index': torch.tensor(index),
-            'label': self.labels[index],
-        }
 
 
 class StepRecorder(Callback):
@@ -82,31 +61,9 @@ class StepRecorder(Callback):
         self.gradients.append({name: param.grad.detach().clone() for name, param in self.params.items()})
 
 
-def trainer_kwargs() -> dict:
-    return {'device': 'cpu', 'precision': 'fp32', 'progress_bar': False, 'log_to_console': False, 'seed': 0}
-
-
 def tune_and_record(device_batch_size: int) -> dict:
     """Tune for 3 batches and return the recorded ids, losses, gradients, queue and target projector."""
-    # The same seed on every rank gives identical initial weights.
-    torch.manual_seed(0)
-    encoder = create_encoder('vit_tiny_patch16', img_size=32, patch_size=8, depth=4)
-    model = ViTEncoderModel(encoder)
-    # SGD keeps the update linear in the gradient, so small float differences between the runs stay small.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-
-    dataset = FixedViews(BATCHES * GLOBAL_BATCH)
-    loader = DataLoader(dataset, batch_size=device_batch_size, sampler=dist.get_sampler(dataset, shuffle=False))
-
-    algorithm = ContrastiveTuning(
-        proj_hidden_dim=32,
-        pred_hidden_dim=64,
-        out_dim=16,
-        queue_size=2 * GLOBAL_BATCH,
-        topk=1,
-        temperature=0.2,
-        target_momentum=0.9,
-    )
+    model, optimizer, loader, algorithm = build_tuning(device_batch_size, BATCHES)
     # The head and its queue join the model at INIT, so the recorder looks the parameters up then.
     recorder = StepRecorder({})
     trainer = Trainer(

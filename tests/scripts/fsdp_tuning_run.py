@@ -5,10 +5,11 @@ Usage::
     composer -n 1 tests/scripts/fsdp_tuning_run.py OUT_DIR
     FSDP_VERSION=2 composer -n 2 tests/scripts/fsdp_tuning_run.py OUT_DIR
 
-The setup is that of ``contrastive_tuning_run.py``: a global batch of 8 samples whatever the number of ranks, fixed
-inputs, topk 1, no dropout, ContrastiveTuning with an EMA target projector and LayerwiseUnfreezing with 2 of 4 blocks
-frozen. On 2 ranks the model is sharded by FSDP2 with the settings that ``composer_maect.fsdp.fsdp_settings`` makes
-of a recipe's ``fsdp_config``; on 1 rank it trains without a wrapper and is the reference.
+The setup comes from ``tuning_setup.py``, as in ``contrastive_tuning_run.py``: a global batch of 8 samples whatever
+the number of ranks, fixed inputs, topk 1, no dropout, ContrastiveTuning with an EMA target projector and
+LayerwiseUnfreezing with 2 of 4 blocks frozen. On 2 ranks the model is sharded by FSDP2 with the settings that
+``composer_maect.fsdp.fsdp_settings`` makes of a recipe's ``fsdp_config``; on 1 rank it trains without a wrapper and
+is the reference.
 
 With ``--ema`` every trainer also runs the package's EMA algorithm. Three trainers run one after another:
 
@@ -32,19 +33,15 @@ import torch
 from composer import Callback, Trainer
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
 
 from composer_maect.algorithms import EMA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from contrastive_tuning_run import FixedViews
+from tuning_setup import GLOBAL_BATCH, build_tuning, trainer_kwargs
 
 from composer_maect.algorithms import ContrastiveTuning, LayerwiseUnfreezing
 from composer_maect.fsdp import average_gloo_gradients, fsdp_settings
-from composer_maect.models.encoder_model import ViTEncoderModel
-from composer_maect.models.vit import create_encoder
 
-GLOBAL_BATCH = 8
 BATCHES = 4
 STOP_AT = 2
 # The fsdp_config of the ViT-L and ViT-H MAE-CT recipes.
@@ -74,22 +71,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def build_trainer(device_batch_size: int, save_folder: Path | None, *, autoresume: bool = False, ema: bool = False):
     """Build the tuning trainer; return ``(trainer, algorithm, recorder)``."""
-    torch.manual_seed(0)  # the same initial weights on every rank and in every trainer
-    encoder = create_encoder('vit_tiny_patch16', img_size=32, patch_size=8, depth=4)
-    model = ViTEncoderModel(encoder)
-    # SGD keeps the update linear in the gradient, so small float differences between the runs stay small.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-    dataset = FixedViews(BATCHES * GLOBAL_BATCH)
-    loader = DataLoader(dataset, batch_size=device_batch_size, sampler=dist.get_sampler(dataset, shuffle=False))
-    algorithm = ContrastiveTuning(
-        proj_hidden_dim=32,
-        pred_hidden_dim=64,
-        out_dim=16,
-        queue_size=2 * GLOBAL_BATCH,
-        topk=1,
-        temperature=0.2,
-        target_momentum=0.9,
-    )
+    model, optimizer, loader, algorithm = build_tuning(device_batch_size, BATCHES)
     recorder = LossRecorder()
     world_size = dist.get_world_size()
     checkpointing = {}
@@ -113,11 +95,7 @@ def build_trainer(device_batch_size: int, save_folder: Path | None, *, autoresum
         ],
         callbacks=[recorder],
         parallelism_config={'fsdp': fsdp_settings(RECIPE_FSDP_CONFIG)} if world_size > 1 else None,
-        device='cpu',
-        precision='fp32',
-        progress_bar=False,
-        log_to_console=False,
-        seed=0,
+        **trainer_kwargs(),
         **checkpointing,
     )
     average_gloo_gradients(trainer.state.model)
