@@ -10,11 +10,70 @@ REPO = Path(__file__).resolve().parents[1]
 YAMLS = REPO / 'yamls'
 
 
+def _track_streaming_handles() -> list:
+    """Record every Streaming ``SharedMemory`` that this process creates or attaches to, and return the record.
+
+    Streaming 0.13.0 registers each one for closing at exit, so its file descriptor stays open for the life of the
+    process. Every new dataset also attaches to the blocks of all datasets before it without closing them. A test
+    session that builds hundreds of datasets would otherwise reach the limit on open files (20,000 here).
+    """
+    from streaming.base.shared import memory
+
+    handles: list = []
+    original_init = memory.SharedMemory.__init__
+
+    def init_and_track(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        handles.append(self)
+
+    memory.SharedMemory.__init__ = init_and_track
+    return handles
+
+
+_STREAMING_HANDLES = _track_streaming_handles()
+
+
+def _unlink_deleted_datasets_memory() -> None:
+    """Unlink the blocks of the datasets that this process created and has deleted since.
+
+    Streaming zeroes a dataset's ``_locals`` block when the dataset is deleted but unlinks its blocks only at exit,
+    and every later dataset attaches to them.
+    """
+    from composer_maect.data.cache import unlink_streaming_prefix
+
+    for handle in _STREAMING_HANDLES:
+        for block in handle.created_shms:
+            name = block.name.lstrip('/')
+            if not name.endswith('_locals') or not os.path.exists(os.path.join('/dev/shm', name)):
+                continue
+            # The block starts with the int32 byte count of its contents, which deletion sets to 0.
+            if int.from_bytes(bytes(block.buf[:4]), sys.byteorder, signed=True) <= 4:
+                unlink_streaming_prefix(int(name.split('_')[0]))
+
+
+def _close_unlinked_streaming_handles() -> None:
+    """Close this process's handles on Streaming blocks that were unlinked, which nothing can attach to again."""
+    still_open = []
+    for handle in _STREAMING_HANDLES:
+        blocks = [*handle.created_shms, *handle.opened_shms]
+        if any(os.path.exists(os.path.join('/dev/shm', block.name.lstrip('/'))) for block in blocks):
+            still_open.append(handle)
+            continue
+        try:
+            for block in blocks:
+                block.close()
+        except BufferError:
+            still_open.append(handle)  # An array still views the block, so the exit handler closes it.
+    _STREAMING_HANDLES[:] = still_open
+
+
 def _unlink_streaming_memory_under(folder: Path) -> None:
     from composer_maect.data.cache import find_registered_prefixes, unlink_streaming_prefix
 
     for prefix in find_registered_prefixes(os.path.abspath(folder), include_subdirectories=True):
         unlink_streaming_prefix(prefix)
+    _unlink_deleted_datasets_memory()
+    _close_unlinked_streaming_handles()
 
 
 @pytest.fixture(autouse=True)
