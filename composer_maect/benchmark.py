@@ -464,8 +464,8 @@ def write_photo_jpegs(root: str, num_images: int) -> None:
     """Write ``num_images`` JPEGs cut from the two photographs that scikit-learn ships, as ``root/<photo>/<i>.jpg``.
 
     Each image is a crop at a random place, size (a third to all of the photo's height) and aspect ratio (3/4 to
-    4/3), possibly mirrored, resized to ImageNet's typical 500 pixels on the longer side and saved at quality 90.
-    So the decoder works on real photographic content at the size of an ImageNet training image.
+    4/3), possibly mirrored. It is resized to 500 pixels on the longer side, typical of ImageNet, and saved at
+    quality 90. So the decoder works on real photographic content at the size of an ImageNet training image.
     """
     import numpy as np
     from PIL import Image
@@ -752,7 +752,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     Each row has the images/s and MFU of ``run_tuning`` and ``peak_mib``, the peak allocated CUDA memory of a
     separate 2-step run of the Trainer alone (``probe_memory``). One GPU is one rank, so FSDP would not shard
-    anything and is not used. Without CUDA, returns one row whose ``skipped`` says why.
+    anything and is not used. Without CUDA, returns one row whose ``skipped`` field gives the reason.
 
     NOTE: this path has not been run on a GPU yet. The time budget is checked only between models, so one slow model
     can exceed it.
@@ -989,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(run_memory(args))
     for row in rows:
         row.update({'command': command, 'device': args.device, 'precision': args.precision})
-        row.setdefault('threads', args.threads)  # The decode rows run on one thread and say so.
+        row.setdefault('threads', args.threads)  # The decode rows run on one thread and record it themselves.
         if 'model' in row:
             row.update({'depth': args.depth, 'patch_size': args.patch_size, 'queue_size': args.queue_size})
     if 'gpu' in args.rows:

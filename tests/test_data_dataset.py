@@ -281,7 +281,7 @@ def test_views_independent_of_workers(mixed_shards):
         assert not torch.equal(other_seed[index], views), index
 
 
-def test_reading_a_sample_seeds_no_cuda_generator(mixed_shards, monkeypatch):
+def test_sample_seeds_no_cuda_generator(mixed_shards, monkeypatch):
     """The transforms' seeding touches only the CPU generator, so the training's draws on a GPU do not follow it."""
     calls = []
     monkeypatch.setattr(torch.cuda, 'manual_seed_all', lambda seed: calls.append(seed))

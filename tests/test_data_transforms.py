@@ -220,7 +220,7 @@ def _drawn_sigma(seed: int, low: float = 0.1, high: float = 2.0) -> float:
     return torch.empty(1).uniform_(low, high).item()
 
 
-def test_pil_blur_is_pil_gaussian_blur_with_the_drawn_sigma():
+def test_pil_blur_matches_pil_filter():
     image = _noise_image(30, 20)
     for seed in range(3):
         expected = image.filter(ImageFilter.GaussianBlur(radius=_drawn_sigma(seed)))

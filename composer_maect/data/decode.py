@@ -52,7 +52,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         opened = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        # PIL's message names the address of the in-memory buffer, which tells the reader nothing.
+        # PIL's message contains the address of the in-memory buffer, which is of no use to the reader.
         raise UnidentifiedImageError('the bytes are not in an image format that PIL can identify') from None
     with opened as image:
         if image.mode == 'F':
@@ -92,9 +92,11 @@ def decode_rgb(data: bytes, decoder: str = 'auto') -> torch.Tensor | Image.Image
             returns a PIL image.
 
     Raises:
+        ValueError: ``decoder`` is not one of ``DECODERS``.
         The errors of ``decode_image``: a JPEG that ``decode_jpeg`` rejects is decoded again by PIL, so a corrupt
         or truncated file raises PIL's error.
     """
+    check_decoder(decoder)
     if decoder == 'auto' and data[:3] == _JPEG_START:
         # Imported here, so that the converter, which decodes with PIL only, does not import torch.
         import torch
@@ -104,6 +106,4 @@ def decode_rgb(data: bytes, decoder: str = 'auto') -> torch.Tensor | Image.Image
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # PIL decodes the JPEG variants that libjpeg-turbo in torchvision rejects, or raises a clear error.
-    elif decoder not in DECODERS:
-        check_decoder(decoder)
     return decode_image(data)
